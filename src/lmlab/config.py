@@ -1,0 +1,252 @@
+"""The typed config tree of one training run.
+
+Every component has one pydantic model here and a ``build`` function in its own package
+(``lmlab.data``, ``lmlab.model``, ``lmlab.optim``, ``lmlab.train``). A ``RunConfig`` is the whole
+tree for one (arm, seed); the experiment spec (``lmlab.spec``) produces one per run and its
+``controlled`` section is written in exactly these field names, so a dotted path such as
+``optimizer.lr`` or ``train.batch_size`` means the same thing in a spec, a config file, the store
+and a report.
+
+The configs live in one module (rather than one per component, as in torchtitan) because the
+spec's frozen-control check and the report both walk the tree as a whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Config(BaseModel):
+    """Strict base: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Config):
+    """Which corpus. ``wikitext-2-raw-v1`` is the real thing (sha256-verified, downloaded if
+    absent); ``local`` is a user's own train/valid/test text files, recorded under ``name``."""
+
+    dataset: Literal["wikitext-2-raw-v1", "local"] = "wikitext-2-raw-v1"
+    # wikitext: a directory holding wiki.{train,valid,test}.raw (skips the search order).
+    # local: a directory holding {train,valid,test}.txt (or wiki.*.raw). ``$VARS`` and ``~`` expand.
+    path: str | None = None
+    # Label of a local corpus in every record and report (default: the directory's name).
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _local_needs_path(self) -> DataConfig:
+        if self.dataset == "local" and not self.path:
+            raise ValueError("dataset 'local' needs a path to a directory with train/valid/test text")
+        return self
+
+
+class TokenizerConfig(_Config):
+    kind: Literal["bpe", "gpt2", "byte"] = "bpe"
+    vocab_size: int = Field(8192, ge=260, description="bpe only: size of the trained vocabulary")
+    # gpt2 only: a directory with encoder.json + vocab.bpe (skips the search order).
+    path: str | None = None
+
+
+class ModelConfig(_Config):
+    """A GPT-2 style decoder-only transformer and the knobs architecture experiments turn."""
+
+    n_layer: int = Field(4, ge=1)
+    n_head: int = Field(4, ge=1)
+    d_model: int = Field(256, ge=8)
+    d_ff: int | None = Field(None, description="MLP hidden width; default 4*d_model (gelu) or "
+                             "the 8/3*d_model rounded to 64 (swiglu)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    bias: bool = True
+    tie_embeddings: bool = True
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_position: Literal["pre", "post"] = "pre"
+    positions: Literal["learned", "rope"] = "learned"
+    rope_theta: float = 10000.0
+    activation: Literal["gelu", "swiglu"] = "gelu"
+    attention: Literal["sdpa", "manual"] = "sdpa"
+    # On CUDA, pin an SDPA backend; "auto" lets PyTorch choose.
+    sdpa_backend: Literal["auto", "flash", "efficient", "math"] = "auto"
+    init_std: float = Field(0.02, gt=0)
+    scaled_init: bool = Field(True, description="GPT-2: residual projections std / sqrt(2*n_layer)")
+    # Longest sequence the position table holds; default: the training seq_len.
+    max_seq_len: int | None = None
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelConfig:
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+        if self.positions == "rope" and (self.d_model // self.n_head) % 2:
+            raise ValueError("rope needs an even head dimension")
+        return self
+
+
+class OptimizerConfig(_Config):
+    name: Literal["adamw", "sgd", "lion", "muon", "adafactor"] = "adamw"
+    lr: float = Field(1e-3, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = Field(0.1, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd and muon")
+    nesterov: bool = True
+    # "auto": fused where the device supports it, else foreach.
+    impl: Literal["auto", "fused", "foreach", "plain"] = "auto"
+    # Parameter grouping, applied the same way for every optimizer.
+    decay_norms_and_biases: bool = False
+    decay_embeddings: bool = False
+    embedding_lr_mult: float = Field(1.0, gt=0)
+    head_lr_mult: float = Field(1.0, gt=0)
+    # Muon: lr of the orthogonalised 2-D weights (the rest uses ``lr`` with AdamW).
+    muon_lr: float = Field(0.02, gt=0)
+    muon_ns_steps: int = Field(5, ge=1)
+
+
+class ScheduleConfig(_Config):
+    name: Literal["constant", "cosine", "linear", "wsd", "inverse_sqrt"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    # A fraction of the run; when set it wins over warmup_steps (the same share for every arm).
+    warmup_frac: float | None = Field(None, ge=0, le=1)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="floor, as a fraction of the peak lr")
+    decay_frac: float = Field(0.2, gt=0, le=1, description="wsd: the final share spent decaying")
+
+
+class TrainConfig(_Config):
+    seed: int = 0
+    # Sequences per optimizer step (the effective batch); split into grad_accum micro-batches.
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    seq_len: int = Field(256, ge=2)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    tf32: bool = True
+    compile: Literal["off", "default", "max-autotune"] = "off"
+    # 0: none; 1: every block; k: every k-th block.
+    activation_checkpointing: int = Field(0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    z_loss: float = Field(0.0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # Exponential moving average of the weights, used for evaluation when set.
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    # Short sequences first: seq_len ramps linearly from seq_len_start over seq_len_warmup_steps.
+    seq_len_warmup_steps: int = Field(0, ge=0)
+    seq_len_start: int = Field(64, ge=2)
+    # Batch-size ramp: batch_size ramps linearly from batch_size_start over batch_ramp_steps.
+    batch_ramp_steps: int = Field(0, ge=0)
+    batch_size_start: int = Field(1, ge=1)
+    # Start from pretrained GPT-2 weights: a directory with a HF GPT2LMHeadModel, or a hub id.
+    init_from: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _accum_divides(self) -> TrainConfig:
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}"
+            )
+        return self
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // self.grad_accum
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+
+class BudgetConfig(_Config):
+    """How long one run trains. The first limit reached ends it; the spec's comparison axis
+    decides which one is binding for an experiment."""
+
+    tokens: int | None = Field(None, gt=0)
+    steps: int | None = Field(None, gt=0)
+    wall_clock_s: float | None = Field(None, gt=0, description="training seconds, evaluation excluded")
+    max_memory_mb: float | None = Field(None, gt=0, description="peak memory allowed (CUDA "
+                                        "allocated, or the process's peak RSS on CPU)")
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> BudgetConfig:
+        if self.tokens is None and self.steps is None and self.wall_clock_s is None:
+            raise ValueError("a budget needs at least one of tokens, steps, wall_clock_s")
+        return self
+
+
+class EvalConfig(_Config):
+    # Evaluation cadence on the validation split: the first that is set is used.
+    every_tokens: int | None = Field(None, gt=0)
+    every_steps: int | None = Field(None, gt=0)
+    every_seconds: float | None = Field(None, gt=0)
+    # None: the FULL split in non-overlapping windows. A number caps the windows (quick checks).
+    max_batches: int | None = Field(None, gt=0)
+    batch_size: int = Field(16, ge=1)
+    test_at_end: bool = True
+    log_every_steps: int = Field(10, ge=1)
+    checkpoint_every_steps: int = Field(200, ge=1)
+
+
+class DiagnosticsConfig(_Config):
+    """Stability detectors (always on) and optional diagnostics run on a fixed probe batch."""
+
+    every_steps: int = Field(50, ge=1, description="cadence of the probe-batch diagnostics")
+    layer_grad_norms: bool = True
+    norm_grad_norms: bool = True
+    activation_norms: bool = True
+    attention_entropy: bool = True
+    update_ratio: bool = True
+    # Loss-spike detector: a loss above mean + threshold*std of the previous `window` losses.
+    spike_window: int = Field(50, ge=5)
+    spike_warmup: int = Field(50, ge=0)
+    spike_threshold: float = Field(6.0, gt=0)
+    # Divergence: loss above this multiple of its early (first log interval) value.
+    divergence_factor: float = Field(3.0, gt=1)
+
+    @property
+    def any_probe(self) -> bool:
+        return (self.layer_grad_norms or self.norm_grad_norms or self.activation_norms
+                or self.attention_entropy or self.update_ratio)
+
+
+class RunConfig(_Config):
+    """Everything one training run needs; ``config_hash`` identifies it."""
+
+    data: DataConfig = DataConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    model: ModelConfig = ModelConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    train: TrainConfig = TrainConfig()
+    budget: BudgetConfig = BudgetConfig(steps=100)
+    eval: EvalConfig = EvalConfig()
+    diagnostics: DiagnosticsConfig = DiagnosticsConfig()
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True)
+
+    @property
+    def config_hash(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: dotted paths, the way specs and reports name variables."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def expand_path(path: str, base: Path | None = None) -> Path:
+    """``$VARS`` and ``~`` expanded; a relative path is taken from ``base`` (a spec's folder)."""
+    import os
+
+    p = Path(os.path.expandvars(os.path.expanduser(path)))
+    if not p.is_absolute() and base is not None:
+        p = base / p
+    return p
