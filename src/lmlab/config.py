@@ -148,6 +148,18 @@ class TrainConfig(_Config):
             )
         return self
 
+    def seq_len_at(self, step: int) -> int:
+        return _ramp(step, self.seq_len_warmup_steps, self.seq_len_start, self.seq_len)
+
+    def batch_size_at(self, step: int) -> int:
+        return _ramp(step, self.batch_ramp_steps, self.batch_size_start, self.batch_size)
+
+    def tokens_after(self, steps: int) -> int:
+        """Tokens seen after ``steps`` optimizer steps, following the ramps."""
+        ramp_steps = min(steps, max(self.seq_len_warmup_steps, self.batch_ramp_steps))
+        ramped = sum(self.seq_len_at(s) * self.batch_size_at(s) for s in range(ramp_steps))
+        return ramped + (steps - ramp_steps) * self.tokens_per_step
+
     @property
     def micro_batch_size(self) -> int:
         return self.batch_size // self.grad_accum
@@ -155,6 +167,13 @@ class TrainConfig(_Config):
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len
+
+
+def _ramp(step: int, ramp_steps: int, start: int, end: int) -> int:
+    """Linear ramp from ``start`` to ``end`` over ``ramp_steps`` steps (then ``end``)."""
+    if ramp_steps <= 0 or step >= ramp_steps:
+        return end
+    return max(1, min(end, round(start + (end - start) * step / ramp_steps)))
 
 
 class BudgetConfig(_Config):
@@ -179,7 +198,8 @@ class EvalConfig(_Config):
     every_tokens: int | None = Field(None, gt=0)
     every_steps: int | None = Field(None, gt=0)
     every_seconds: float | None = Field(None, gt=0)
-    # None: the FULL split in non-overlapping windows. A number caps the windows (quick checks).
+    # None: the FULL split in non-overlapping windows. A number caps the periodic evaluations
+    # (cheaper curves); the final validation and the test evaluation always use the full split.
     max_batches: int | None = Field(None, gt=0)
     batch_size: int = Field(16, ge=1)
     test_at_end: bool = True

@@ -1,0 +1,160 @@
+"""One experiment directory: the plan recorded, the preflight gate, then every run.
+
+``DIR/lmlab.sqlite`` holds the spec as written, the plan, the preflight results and every run's
+records. A directory belongs to one design: rerunning the same spec skips completed runs and
+resumes interrupted ones; a spec that changes any existing run is refused unless ``force_new``,
+which first moves the old directory aside (nothing stored is ever deleted). A spec that only adds
+seeds or arms extends the experiment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmlab.data.tokenize import DataBundle, prepare_data
+from lmlab.errors import UserError
+from lmlab.execute.estimate import estimate_plan
+from lmlab.execute.local import run_sweep
+from lmlab.spec.expand import Plan
+from lmlab.store import Store
+from lmlab.train.preflight import overfit, preflight_config, preflight_key
+
+
+def check_hardware(plan: Plan) -> None:
+    """The spec's hardware expectation against this machine."""
+    want = plan.spec.controlled.hardware
+    if want in ("any", ""):
+        return
+    have_cuda = torch.cuda.is_available()
+    names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    ok = (want == "cpu") or (want == "cuda" and have_cuda) or \
+        any(want.lower() in n.lower() for n in names)
+    if not ok:
+        found = ", ".join(names) or "no GPU"
+        raise plan.doc.error("controlled.hardware",
+                             f"the spec expects '{want}' but this machine has {found}")
+
+
+def _archive(out_dir: Path) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = out_dir.with_name(f"{out_dir.name}.old-{stamp}")
+    out_dir.rename(target)
+    return target
+
+
+def open_experiment(plan: Plan, out_dir: Path, *, force_new: bool = False) -> Path | None:
+    """Record the spec and plan in ``out_dir``; refuse to mix two designs. Returns where an
+    older experiment was moved to when ``force_new`` had to move one."""
+    moved = None
+    db = out_dir / "lmlab.sqlite"
+    if db.exists():
+        with Store.open(out_dir) as store:
+            existing = {r["run_id"]: r["config_hash"] for r in store.runs()}
+        planned = {r.run_id: r.config.config_hash for r in plan.runs}
+        changed = sorted(rid for rid, h in existing.items() if planned.get(rid) != h)
+        if changed and not force_new:
+            raise UserError(
+                f"{out_dir} holds a different design: runs {', '.join(changed[:5])}"
+                f"{' ...' if len(changed) > 5 else ''} would change or disappear. Use another "
+                "--out, or --force-new to move the old results aside and start fresh",
+                file=str(plan.doc.path))
+        if changed:
+            moved = _archive(out_dir)
+    text = plan.doc.path.read_text()
+    with Store.open(out_dir) as store:
+        store.put_result("experiment/spec", {
+            "path": str(plan.doc.path), "text": text,
+            "hash": hashlib.sha256(text.encode()).hexdigest()[:16],
+            "spec": plan.spec.model_dump(mode="json"),
+        })
+        previous = store.get_result("experiment/plan") or {}
+        record = plan.to_json()
+        estimates = {r["run_id"]: r.get("estimate_s") for r in previous.get("runs", [])}
+        for r in record["runs"]:
+            r["estimate_s"] = estimates.get(r["run_id"])
+        record["estimate_total_s"] = previous.get("estimate_total_s")
+        store.put_result("experiment/plan", record)
+        for r in plan.runs:
+            store.add_run(r.run_id, r.arm, r.seed, r.config.to_json(), r.config.config_hash)
+    return moved
+
+
+def prepare_plan_data(plan: Plan) -> DataBundle:
+    """Locate, verify and tokenize once, before any worker starts (the controls guarantee one
+    dataset and tokenizer per experiment unless they are the independent variable)."""
+    cfg = plan.runs[0].config
+    return prepare_data(cfg.data, cfg.tokenizer, plan.base)
+
+
+def estimate(plan: Plan, out_dir: Path | None, data: DataBundle) -> dict[str, Any]:
+    estimates = estimate_plan(plan, data)
+    record = plan.to_json()
+    for r in record["runs"]:
+        r["estimate_s"] = estimates[r["run_id"]]
+    record["estimate_total_s"] = sum(estimates.values())
+    if out_dir is not None:
+        with Store.open(out_dir) as store:
+            store.put_result("experiment/plan", record)
+    return record
+
+
+def run_preflight(plan: Plan, out_dir: Path, data: DataBundle | None = None) -> dict[str, Any]:
+    """The Overfit Sanity Template for each distinct configuration; results go to the store."""
+    pf = plan.spec.preflight
+    groups: dict[str, tuple[Any, list[str]]] = {}
+    for run in plan.runs:
+        cfg = preflight_config(run.config, pf.lr, pf.seq_len)
+        key = preflight_key(cfg)
+        if key not in groups:
+            groups[key] = (cfg, [])
+        if run.arm not in groups[key][1]:
+            groups[key][1].append(run.arm)
+    configs = []
+    for key, (cfg, arms) in groups.items():
+        bundle = data if data is not None and _same_data(plan, cfg) else \
+            prepare_data(cfg.data, cfg.tokenizer, plan.base)
+        result = overfit(cfg, bundle, sequences=pf.sequences, batch_size=pf.batch_size,
+                         steps=pf.steps, loss_threshold=pf.loss_threshold, key=key, arms=arms)
+        configs.append(result.to_json())
+    record = {"passed": all(c["passed"] for c in configs), "configs": configs}
+    with Store.open(out_dir) as store:
+        store.put_result("experiment/preflight", record)
+        store.log_event(None, 0, 0, 0.0, "preflight",
+                        {"passed": record["passed"],
+                         "failed_arms": [a for c in configs if not c["passed"] for a in c["arms"]]})
+    return record
+
+
+def _same_data(plan: Plan, cfg: Any) -> bool:
+    first = plan.runs[0].config
+    return cfg.data == first.data and cfg.tokenizer == first.tokenizer
+
+
+def run_experiment(plan: Plan, out_dir: Path, *, skip_preflight: bool = False,
+                   force_new: bool = False, parallel: int | None = None) -> dict[str, Any]:
+    check_hardware(plan)
+    moved = open_experiment(plan, out_dir, force_new=force_new)
+    data = prepare_plan_data(plan)
+    with Store.open(out_dir) as store:
+        planned = store.get_result("experiment/plan") or {}
+        have_preflight = store.get_result("experiment/preflight")
+    if planned.get("estimate_total_s") is None:
+        estimate(plan, out_dir, data)
+    preflight = have_preflight
+    if plan.spec.preflight.enabled and not skip_preflight and (
+            have_preflight is None or not have_preflight.get("passed")):
+        preflight = run_preflight(plan, out_dir, data)
+        if not preflight["passed"]:
+            failed = [f"{', '.join(c['arms'])} (final loss {c['final_loss']:.3g} vs threshold "
+                      f"{c['threshold']:g}{', NaN' if c['nan'] else ''})"
+                      for c in preflight["configs"] if not c["passed"]]
+            raise UserError("preflight failed (Overfit Sanity) for " + "; ".join(failed) +
+                            ": fix the configuration, or rerun with --skip-preflight",
+                            file=str(plan.doc.path), field="preflight")
+    results = run_sweep(plan.runs, out_dir, base=plan.base, parallel=parallel)
+    return {"results": results, "preflight": preflight, "moved": moved}

@@ -1,0 +1,422 @@
+"""The report's figures, drawn from the store with matplotlib's Agg backend (no display needed).
+
+Figures are built with matplotlib's object API (``matplotlib.figure.Figure``), not pyplot:
+no global figure registry to leak memory into, no backend to select before import, safe to call
+from a process that already uses pyplot with another backend.
+
+Every curve figure draws one line per arm (the mean over seeds that did not diverge) with a
+min-max band over those seeds; diverged seeds are drawn on their own as thin dashed lines so a
+blow-up is visible without dragging the arm's mean with it. Stability events (NaN, divergence,
+loss spike) are marked on the train-loss panels where they happened.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure as MplFigure
+from matplotlib.lines import Line2D
+
+from lmlab.analysis.summary import (
+    X_LABEL,
+    ArmSummary,
+    Curve,
+    Experiment,
+    arm_curves,
+    combined_norm,
+    seed_curve,
+)
+
+DPI = 110
+# One colour per arm, stable across every figure of a report.
+_PALETTE = list(colormaps["tab10"].colors) + list(colormaps["Dark2"].colors)
+_EVENT_STYLE = {
+    "spike": {"marker": "^", "label": "loss spike"},
+    "divergence": {"marker": "X", "label": "divergence"},
+    "nan": {"marker": "*", "label": "NaN / non-finite (run stopped)"},
+}
+_BLOCK_STYLES = ["-", "--", ":", "-."]
+
+
+@dataclass(frozen=True)
+class Figure:
+    key: str
+    title: str
+    caption: str
+    path: Path
+
+
+def arm_colors(arms: Sequence[str]) -> dict[str, Any]:
+    return {arm: _PALETTE[i % len(_PALETTE)] for i, arm in enumerate(arms)}
+
+
+def make_figures(exp: Experiment, arms: Mapping[str, ArmSummary], out: Path,
+                 memory_label: str) -> dict[str, Figure]:
+    """Draw every figure the data supports into ``out``; returns them by key, in report order."""
+    out.mkdir(parents=True, exist_ok=True)
+    colors = arm_colors(exp.arms)
+    figures: dict[str, Figure] = {}
+    makers = [
+        lambda: _loss_figure(exp, colors, out, "tokens", "loss_tokens"),
+        lambda: (_loss_figure(exp, colors, out, exp.x_key, f"loss_{exp.x_key}")
+                 if exp.x_key != "tokens" else None),
+        lambda: _grad_norm_figure(exp, colors, out),
+        lambda: _speed_memory_figure(exp, arms, colors, out, memory_label),
+        lambda: _diagnostics_figure(exp, colors, out),
+        lambda: _preflight_figure(exp, out),
+    ]
+    for make in makers:
+        fig = make()
+        if fig is not None:
+            figures[fig.key] = fig
+    return figures
+
+
+# -- shared drawing helpers ----------------------------------------------------------------------
+
+
+def _subplots(rows: int, cols: int, figsize: tuple[float, float]) -> tuple[MplFigure, Any]:
+    fig = MplFigure(figsize=figsize)
+    return fig, fig.subplots(rows, cols, squeeze=False)
+
+
+def _save(fig: MplFigure, out: Path, key: str, title: str, caption: str) -> Figure:
+    path = out / f"{key}.png"
+    # Figure.savefig without pyplot renders with Agg for a .png path.
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    return Figure(key, title, caption, path)
+
+
+def _band(ax: Axes, curve: Curve, color: Any, label: str | None) -> None:
+    ok = np.isfinite(curve.mean)
+    ax.plot(curve.x[ok], curve.mean[ok], color=color, lw=1.6, label=label)
+    if curve.n_seeds > 1:
+        band = ok & np.isfinite(curve.low) & np.isfinite(curve.high)
+        ax.fill_between(curve.x[band], curve.low[band], curve.high[band], color=color, alpha=0.18,
+                        lw=0)
+
+
+def _diverged_seeds(ax: Axes, exp: Experiment, metric: str, x_key: str,
+                    colors: Mapping[str, Any]) -> bool:
+    drew = False
+    for run in exp.runs:
+        if run.status != "diverged":
+            continue
+        xy = seed_curve(run, metric, x_key)
+        if xy is None:
+            continue
+        x, y = xy
+        ok = np.isfinite(y)
+        ax.plot(x[ok], y[ok], color=colors[run.arm], lw=0.9, ls="--", alpha=0.8)
+        drew = True
+    return drew
+
+
+def _event_markers(ax: Axes, exp: Experiment, x_key: str, colors: Mapping[str, Any],
+                   curves: Mapping[str, Curve]) -> set[str]:
+    """Mark stability events on a train-loss panel; returns the kinds drawn (for the legend)."""
+    drawn: set[str] = set()
+    for run in exp.runs:
+        for event in run.events:
+            style = _EVENT_STYLE.get(event["kind"])
+            if style is None:
+                continue
+            x = float(event[x_key])
+            y = event["detail"].get("loss")
+            if y is None or not math.isfinite(float(y)):
+                # A NaN loss has no height: put the marker on the arm's curve (or the top).
+                curve = curves.get(run.arm)
+                y = (float(np.interp(x, curve.x, curve.mean)) if curve is not None
+                     and np.isfinite(curve.mean).any() else ax.get_ylim()[1])
+            ax.plot([x], [float(y)], ls="none", marker=style["marker"], ms=9,
+                    color=colors[run.arm], markeredgecolor="black", markeredgewidth=0.8,
+                    zorder=5)
+            drawn.add(event["kind"])
+    return drawn
+
+
+def _focus_ylim(ax: Axes, curves: Mapping[str, Curve]) -> None:
+    """Loss curves fall steeply at first; cut the first 10% of the x-range off the y-limits so
+    the part where arms differ is readable (the cut-off start is still drawn, off the top)."""
+    highs, lows = [], []
+    for c in curves.values():
+        ok = np.isfinite(c.mean)
+        if not ok.any():
+            continue
+        x = c.x[ok]
+        tail = x >= x[0] + 0.1 * (x[-1] - x[0])
+        top = (c.high if c.n_seeds > 1 else c.mean)[ok]
+        bottom = (c.low if c.n_seeds > 1 else c.mean)[ok]
+        highs.append(np.nanmax(top[tail]) if tail.any() else np.nanmax(top))
+        lows.append(np.nanmin(bottom))
+    if highs and np.isfinite(highs).all() and np.isfinite(lows).all():
+        lo, hi = min(lows), max(highs)
+        pad = 0.06 * (hi - lo) if hi > lo else 0.05 * abs(hi) + 1e-6
+        ax.set_ylim(lo - pad, hi + pad)
+
+
+def _x_axis(ax: Axes, x_key: str) -> None:
+    ax.set_xlabel(X_LABEL[x_key])
+    ax.grid(alpha=0.3)
+    if x_key == "tokens":
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 3), useMathText=True)
+
+
+def _legend(fig: MplFigure, colors: Mapping[str, Any], arms: Sequence[str], extra: Sequence[
+        Line2D] = (), ncol: int | None = None) -> None:
+    handles = [Line2D([], [], color=colors[a], lw=2, label=a) for a in arms] + list(extra)
+    fig.legend(handles=handles, loc="lower center", ncol=ncol or min(len(handles), 5),
+               bbox_to_anchor=(0.5, -0.02), frameon=False)
+    fig.tight_layout(rect=(0, 0.08 + 0.04 * (len(handles) // 6), 1, 1))
+
+
+def _event_handles(kinds: set[str], diverged: bool) -> list[Line2D]:
+    out = [Line2D([], [], ls="none", marker=_EVENT_STYLE[k]["marker"], color="white",
+                  markeredgecolor="black", ms=8, label=_EVENT_STYLE[k]["label"])
+           for k in ("spike", "divergence", "nan") if k in kinds]
+    if diverged:
+        out.append(Line2D([], [], color="grey", ls="--", lw=1, label="diverged seed"))
+    return out
+
+
+# -- figures -------------------------------------------------------------------------------------
+
+
+def _loss_figure(exp: Experiment, colors: Mapping[str, Any], out: Path, x_key: str,
+                 key: str) -> Figure | None:
+    train = arm_curves(exp, "train_loss", x_key)
+    val = arm_curves(exp, "val_loss", x_key)
+    if not train and not val:
+        return None
+    fig, grid = _subplots(1, 2, (12, 4.4))
+    axes = grid[0]
+    kinds: set[str] = set()
+    diverged = False
+    for ax, curves, metric, title in ((axes[0], train, "train_loss", "Train loss"),
+                                      (axes[1], val, "val_loss", "Validation loss")):
+        for arm, curve in curves.items():
+            _band(ax, curve, colors[arm], arm)
+        _focus_ylim(ax, curves)
+        diverged |= _diverged_seeds(ax, exp, metric, x_key, colors)
+        if metric == "train_loss":
+            kinds = _event_markers(ax, exp, x_key, colors, curves)
+        ax.set_title(f"{title} vs {X_LABEL[x_key]}")
+        ax.set_ylabel("cross-entropy (nats/token)")
+        _x_axis(ax, x_key)
+    _legend(fig, colors, [a for a in exp.arms if a in train or a in val],
+            _event_handles(kinds, diverged))
+    what = X_LABEL[x_key]
+    return _save(fig, out, key, f"Train and validation loss vs {what}",
+                 f"Mean over seeds per arm, band = min–max over seeds; x = {what}. Per-step "
+                 "train losses are averaged into bins when there are more steps than pixels. "
+                 "Markers: stability events where they happened; dashed: seeds that diverged "
+                 "(left out of the mean). The y-axis starts after the first 10% of the run.")
+
+
+def _grad_norm_figure(exp: Experiment, colors: Mapping[str, Any], out: Path) -> Figure | None:
+    curves = arm_curves(exp, "grad_norm")
+    if not curves:
+        return None
+    fig, grid = _subplots(1, 1, (12, 4))
+    ax = grid[0, 0]
+    for arm, curve in curves.items():
+        _band(ax, curve, colors[arm], arm)
+    diverged = _diverged_seeds(ax, exp, "grad_norm", exp.x_key, colors)
+    clips = {(r.config.get("train") or {}).get("grad_clip") for r in exp.runs}
+    clips.discard(None)
+    extra = _event_handles(set(), diverged)
+    if len(clips) == 1:
+        clip = float(next(iter(clips)))
+        ax.axhline(clip, color="black", lw=0.8, ls=":")
+        extra.append(Line2D([], [], color="black", lw=0.8, ls=":", label=f"clip at {clip:g}"))
+    ax.set_yscale("log")
+    ax.set_ylabel("global gradient norm (before clipping)")
+    ax.set_title(f"Global gradient norm vs {X_LABEL[exp.x_key]}")
+    _x_axis(ax, exp.x_key)
+    _legend(fig, colors, list(curves), extra)
+    return _save(fig, out, "grad_norm", "Global gradient norm",
+                 "Per step, before clipping, log scale; mean over seeds with min–max band.")
+
+
+def _speed_memory_figure(exp: Experiment, arms: Mapping[str, ArmSummary],
+                         colors: Mapping[str, Any], out: Path, memory_label: str) -> Figure | None:
+    panels = [("tokens_per_s", "Throughput (tokens/sec, training time)", 1.0),
+              ("peak_mem_bytes", f"{memory_label} (MiB)", 2.0**-20)]
+    if not any(a.values[m] for a in arms.values() for m, _, _ in panels):
+        return None
+    names = [a for a in exp.arms if a in arms]
+    fig, grid = _subplots(1, 2, (12, 0.9 + max(2.6, 0.45 * len(names))))
+    for ax, (metric, title, scale) in zip(grid[0], panels, strict=True):
+        for i, arm in enumerate(names):
+            s = arms[arm].stats[metric]
+            seeds = np.array(arms[arm].seeds_values(metric)) * scale
+            if s.n == 0:
+                continue
+            err = s.std * scale if s.n > 1 else 0.0
+            ax.barh(i, s.mean * scale, xerr=err, color=colors[arm], alpha=0.75, capsize=3)
+            ax.plot(seeds, np.full(len(seeds), i), ls="none", marker="o", ms=4, color="black")
+            ax.text(s.mean * scale, i, f"  {s.mean * scale:,.0f}", va="center", ha="left",
+                    fontsize=8)
+        ax.set_yticks(range(len(names)), names)
+        ax.invert_yaxis()
+        ax.set_title(title)
+        ax.grid(axis="x", alpha=0.3)
+        ax.margins(x=0.15)
+    fig.tight_layout()
+    return _save(fig, out, "speed_memory", f"Tokens/sec and {memory_label.lower()} per arm",
+                 "Bars: mean over seeds; whiskers: ±1 std; dots: individual seeds.")
+
+
+_BLOCK = re.compile(r"\.(\d+)$")
+
+
+def _indexed(names: Sequence[str], prefix: str) -> list[tuple[int, str]]:
+    out = []
+    for name in names:
+        if name.startswith(prefix) and (m := _BLOCK.search(name)) and ".head." not in name:
+            out.append((int(m.group(1)), name))
+    return sorted(out)
+
+
+def _diagnostics_figure(exp: Experiment, colors: Mapping[str, Any], out: Path) -> Figure | None:
+    names = sorted({n for r in exp.runs for n in r.curves})
+    panels = []
+    act = _indexed(names, "act_rms/block.")
+    if act:
+        panels.append(("Activation RMS (probe batch)", lambda ax: _per_block_curves(
+            ax, exp, colors, act, "RMS of the residual stream")))
+    if any(n.startswith("norm_grad_norm/") for n in names):
+        panels.append(("LayerNorm weight / bias gradient norms", lambda ax: _ln_curves(
+            ax, exp, colors)))
+    ent = _indexed(names, "attn_entropy/layer.")
+    if ent:
+        panels.append(("Attention entropy per layer (last probe)", lambda ax: _per_layer(
+            ax, exp, colors, ent, "last", "entropy (nats)", "layer")))
+    blocks = _indexed(names, "grad_norm/block.")
+    if blocks:
+        panels.append(("Gradient norm per block (mean over the run)", lambda ax: _per_layer(
+            ax, exp, colors, blocks, "mean", "gradient norm", "block")))
+    ratio = _indexed(names, "update_ratio/block.")
+    if ratio:
+        panels.append(("Update / weight ratio per block (mean over the run)", lambda ax: _per_layer(
+            ax, exp, colors, ratio, "mean", "‖Δw‖ / ‖w‖", "block", log=True)))
+    if not panels:
+        return None
+    cols = 2 if len(panels) > 1 else 1
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = _subplots(rows, cols, (12, 3.8 * rows))
+    extra: list[Line2D] = []
+    for ax, (title, draw) in zip(axes.flat, panels, strict=False):
+        extra += draw(ax) or []
+        ax.set_title(title, fontsize=10)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    _legend(fig, colors, exp.arms, extra)
+    return _save(fig, out, "diagnostics", "Diagnostics",
+                 "Probe-batch diagnostics logged every K steps: activation RMS of the first, "
+                 "middle and last block; root-sum-square of the LayerNorm weight and bias "
+                 "gradient norms; attention entropy per layer at the last probe; gradient norm "
+                 "and update/weight ratio per block averaged over the run. Per-layer panels: "
+                 "mean over seeds with min–max whiskers.")
+
+
+def _per_block_curves(ax: Axes, exp: Experiment, colors: Mapping[str, Any],
+                      blocks: list[tuple[int, str]], ylabel: str) -> list[Line2D]:
+    handles = []
+    for j, (index, name) in enumerate(blocks):
+        style = _BLOCK_STYLES[j % len(_BLOCK_STYLES)]
+        for arm, curve in arm_curves(exp, name).items():
+            ok = np.isfinite(curve.mean)
+            ax.plot(curve.x[ok], curve.mean[ok], color=colors[arm], ls=style, lw=1.4)
+        handles.append(Line2D([], [], color="grey", ls=style, label=f"block {index}"))
+    ax.set_ylabel(ylabel)
+    _x_axis(ax, exp.x_key)
+    return handles
+
+
+def _ln_curves(ax: Axes, exp: Experiment, colors: Mapping[str, Any]) -> list[Line2D]:
+    handles = []
+    for part, style in ((".weight", "-"), (".bias", "--")):
+        curves = arm_curves(exp, f"norm_grad_norm{part}", extract=lambda r, p=part: combined_norm(
+            r, "norm_grad_norm/", p))
+        for arm, curve in curves.items():
+            ok = np.isfinite(curve.mean)
+            ax.plot(curve.x[ok], curve.mean[ok], color=colors[arm], ls=style, lw=1.4)
+        if curves:
+            handles.append(Line2D([], [], color="grey", ls=style, label=f"norm{part} grads"))
+    ax.set_yscale("log")
+    ax.set_ylabel("gradient norm (all norm layers)")
+    _x_axis(ax, exp.x_key)
+    return handles
+
+
+def _per_layer(ax: Axes, exp: Experiment, colors: Mapping[str, Any],
+               layers: list[tuple[int, str]], pick: str, ylabel: str, xlabel: str,
+               log: bool = False) -> list[Line2D]:
+    index = [i for i, _ in layers]
+    n_arms = max(len(exp.arms), 1)
+    for k, arm in enumerate(exp.arms):
+        per_seed = []
+        for run in exp.runs_of(arm):
+            if run.status == "diverged":
+                continue
+            row = []
+            for _, name in layers:
+                values = [r.value for r in run.curves.get(name, []) if math.isfinite(r.value)]
+                row.append((values[-1] if pick == "last" else float(np.mean(values)))
+                           if values else math.nan)
+            per_seed.append(row)
+        if not per_seed:
+            continue
+        data = np.array(per_seed, dtype=float)
+        with warnings.catch_warnings():  # a layer no seed logged stays NaN, silently
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean, lo, hi = np.nanmean(data, 0), np.nanmin(data, 0), np.nanmax(data, 0)
+        # Arms side by side around each layer index, so whiskers do not hide each other.
+        x = np.array(index) + (k - (n_arms - 1) / 2) * 0.8 / n_arms
+        ax.errorbar(x, mean, yerr=[mean - lo, hi - mean], color=colors[arm], marker="o", ms=4,
+                    lw=1.2, capsize=2)
+    ax.set_xticks(index)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    return []
+
+
+def _preflight_figure(exp: Experiment, out: Path) -> Figure | None:
+    configs = [c for c in (exp.preflight or {}).get("configs", []) if c.get("losses")]
+    if not configs:
+        return None
+    fig, grid = _subplots(1, 1, (12, 3.8))
+    ax = grid[0, 0]
+    thresholds = set()
+    for i, cfg in enumerate(configs):
+        losses = np.array(cfg["losses"], dtype=float)
+        label = f"{cfg.get('key', i)} ({', '.join(cfg.get('arms', []))})"
+        ax.plot(np.arange(1, len(losses) + 1), losses, color=_PALETTE[i % len(_PALETTE)],
+                lw=1.4, label=label[:80])
+        if cfg.get("threshold") is not None:
+            thresholds.add(float(cfg["threshold"]))
+    for t in thresholds:
+        ax.axhline(t, color="black", ls=":", lw=1, label=f"pass threshold {t:g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("preflight step")
+    ax.set_ylabel("train loss on the fixed slice")
+    ax.set_title("Overfit sanity: loss on a tiny fixed slice")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    return _save(fig, out, "preflight", "Preflight losses",
+                 "Each configuration trains on the same few sequences; it passes when the loss "
+                 "ends below the threshold with no NaNs and finite gradients.")

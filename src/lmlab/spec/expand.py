@@ -1,0 +1,307 @@
+"""Spec -> Plan: arms x seeds, each a fully resolved RunConfig, with the controls enforced.
+
+1. Arms come from ``independent`` (named arms, a grid or a zip), plus derived values computed by
+   the safe expression language (``lmlab.spec.expr``).
+2. Every arm's config is the frozen ``controlled`` tree with only that arm's values changed. Any
+   difference between two arms in a variable that is not declared independent is refused.
+3. The comparison axis fixes each run's budget (equal tokens, steps or training seconds); a budget
+   the axis cannot honour is refused with the reason.
+4. Every arm runs every seed of ``meta.seeds``.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from lmlab.config import RunConfig, TrainConfig, flatten
+from lmlab.spec import expr
+from lmlab.spec.load import YamlDoc, load_yaml, validate
+from lmlab.spec.schema import Spec
+
+# Sections of RunConfig an arm may change. Budgets are fixed by the axis, seeds by meta.seeds.
+VARIABLE_SECTIONS = ("data", "tokenizer", "model", "optimizer", "schedule", "train")
+NOT_INDEPENDENT = {"train.seed": "seeds are set by meta.seeds, the same for every arm"}
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One (arm, seed) of an experiment, fully resolved."""
+
+    run_id: str
+    arm: str
+    seed: int
+    config: RunConfig
+    values: dict[str, Any]  # the arm's independent (and derived) values, for tables
+
+
+@dataclass
+class Plan:
+    spec: Spec
+    doc: YamlDoc
+    arms: dict[str, dict[str, Any]]  # arm -> its independent (and derived) values
+    variables: list[str]  # declared independent paths, derived ones included
+    reference: str
+    runs: list[PlannedRun] = field(default_factory=list)
+
+    @property
+    def base(self) -> Path:
+        return self.doc.path.resolve().parent
+
+    def arm_config(self, arm: str) -> RunConfig:
+        return next(r.config for r in self.runs if r.arm == arm)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "axis": self.spec.comparison_axis,
+            "reference": self.reference,
+            "variables": self.variables,
+            "runs": [
+                {"run_id": r.run_id, "arm": r.arm, "seed": r.seed, "values": r.values,
+                 "tokens": r.config.budget.tokens, "steps": r.config.budget.steps,
+                 "wall_clock_s": r.config.budget.wall_clock_s,
+                 "effective_batch": r.config.train.batch_size,
+                 "tokens_per_step": r.config.train.tokens_per_step}
+                for r in self.runs
+            ],
+        }
+
+
+def load_spec(path: Path | str) -> tuple[Spec, YamlDoc]:
+    doc = load_yaml(path)
+    return validate(doc, Spec), doc
+
+
+def load_plan(path: Path | str) -> Plan:
+    spec, doc = load_spec(path)
+    return expand(spec, doc)
+
+
+def _arm_name(values: dict[str, Any]) -> str:
+    parts = [f"{path.rsplit('.', 1)[-1]}={_short(v)}" for path, v in values.items()]
+    return re.sub(r"[^A-Za-z0-9_.=-]", "-", "_".join(parts))
+
+
+def _short(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _set_path(tree: dict[str, Any], path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    node = tree
+    for key in parents:
+        node = node[key]
+    node[leaf] = value
+
+
+def _design(spec: Spec, doc: YamlDoc) -> list[tuple[str, dict[str, Any], str]]:
+    """(arm name, the values it sets, the YAML field they were written at)."""
+    ind = spec.independent
+    if ind.arms is not None:
+        return [(name, dict(values), f"independent.arms.{name}") for name, values in ind.arms.items()]
+    kind = "grid" if ind.grid is not None else "zip"
+    table: dict[str, list[Any]] = getattr(ind, kind)
+    if kind == "grid":
+        combos = [dict(zip(table, vals, strict=True)) for vals in itertools.product(*table.values())]
+    else:
+        lengths = {k: len(v) for k, v in table.items()}
+        if len(set(lengths.values())) > 1:
+            raise doc.error("independent.zip", f"zip lists must have equal lengths, got {lengths}")
+        combos = [dict(zip(table, vals, strict=True)) for vals in zip(*table.values(), strict=True)]
+    if ind.names is not None:
+        if len(ind.names) != len(combos):
+            raise doc.error("independent.names",
+                            f"{len(ind.names)} names for {len(combos)} arms")
+        names = list(ind.names)
+    else:
+        names = [_arm_name(c) for c in combos]
+    return [(n, c, f"independent.{kind}") for n, c in zip(names, combos, strict=True)]
+
+
+def _check_path(doc: YamlDoc, where: str, path: str, leaves: dict[str, Any]) -> None:
+    if path in NOT_INDEPENDENT:
+        raise doc.error(where, f"'{path}' cannot be an independent variable: {NOT_INDEPENDENT[path]}")
+    if path.split(".", 1)[0] not in VARIABLE_SECTIONS:
+        raise doc.error(where, f"'{path}' cannot be an independent variable: only "
+                        f"{', '.join(s + '.*' for s in VARIABLE_SECTIONS)} can change between arms "
+                        "(the budget is fixed by comparison_axis)")
+    if path not in leaves:
+        close = [p for p in leaves if p.endswith("." + path.rsplit(".", 1)[-1])]
+        hint = f" (did you mean {', '.join(close[:3])}?)" if close else ""
+        raise doc.error(where, f"unknown variable '{path}'{hint}")
+
+
+def expand(spec: Spec, doc: YamlDoc) -> Plan:
+    ind = spec.independent
+    controlled = spec.controlled.model_dump(mode="json", exclude={"hardware", "seed_policy"})
+    leaves = flatten(controlled)
+    design = _design(spec, doc)
+
+    # ---- declared variables, and what each arm sets -------------------------------------------
+    written = {p for _, values, _ in design for p in values}
+    declared = set(ind.variables) if ind.variables else written | set(ind.derived)
+    for path in ind.variables:
+        _check_path(doc, "independent.variables", path, leaves)
+    for _, values, where in design:
+        for path in values:
+            _check_path(doc, f"{where}.{path}", path, leaves)
+    for path, text in ind.derived.items():
+        _check_path(doc, f"independent.derived.{path}", path, leaves)
+        try:
+            for name in expr.names(text):
+                if name not in leaves:
+                    raise expr.ExprError(f"unknown variable {name!r} in {text!r}")
+        except expr.ExprError as e:
+            raise doc.error(f"independent.derived.{path}", str(e)) from None
+
+    arm_names = [name for name, _, _ in design]
+    duplicates = {n for n in arm_names if arm_names.count(n) > 1}
+    if duplicates:
+        raise doc.error("independent", f"arm names must be unique: {sorted(duplicates)}")
+
+    # ---- one resolved config tree per arm --------------------------------------------------------
+    arm_trees: dict[str, dict[str, Any]] = {}
+    arm_values: dict[str, dict[str, Any]] = {}
+    for name, values, where in design:
+        tree = copy.deepcopy(controlled)
+        for path, value in values.items():
+            _set_path(tree, path, value)
+        current = flatten(tree)
+        for path, text in ind.derived.items():
+            try:
+                value = expr.evaluate(text, current)
+            except expr.ExprError as e:
+                raise doc.error(f"independent.derived.{path}", f"arm {name}: {e}") from None
+            if isinstance(leaves[path], int) and not isinstance(leaves[path], bool):
+                if abs(value - round(value)) > 1e-9:
+                    raise doc.error(f"independent.derived.{path}",
+                                    f"arm {name}: '{path}' must be a whole number, got {value:g}")
+                value = round(value)
+            _set_path(tree, path, value)
+            current[path] = value
+        arm_trees[name] = tree
+        arm_values[name] = {**values, **{p: current[p] for p in ind.derived}}
+        for path, value in values.items():
+            try:
+                RunConfig.model_validate({**tree, "budget": {"steps": 1}})
+            except ValidationError as e:
+                err = e.errors()[0]
+                loc = ".".join(str(p) for p in err["loc"])
+                field_ = f"{where}.{path}" if loc.startswith(path) or path.startswith(loc) else \
+                    f"{where}.{path}" if loc in values else f"{where}"
+                raise doc.error(field_, f"arm {name}: {loc}: {err['msg'].removeprefix('Value error, ')}"
+                                f" (got {value!r})") from None
+
+    # ---- the controls: only declared variables may differ -------------------------------------
+    flat = {name: flatten(tree) for name, tree in arm_trees.items()}
+    first = arm_names[0]
+    for path in leaves:
+        seen = {name: flat[name][path] for name in arm_names}
+        if len({repr(v) for v in seen.values()}) > 1 and path not in declared:
+            listing = ", ".join(f"{n}: {v!r}" for n, v in seen.items())
+            culprit = next(n for n in arm_names if seen[n] != seen[first]) if len(arm_names) > 1 else first
+            where = next(w for n, _, w in design if n == culprit)
+            raise doc.error(
+                f"{where}" if where.endswith(culprit) else where,
+                f"'{path}' differs between arms ({listing}) but is not declared independent: "
+                "add it to independent.variables (coupled variables are declared together) or "
+                "keep it frozen")
+
+    # ---- references used by checks and the reference arm ---------------------------------------
+    reference = ind.reference or first
+    if reference not in arm_trees:
+        raise doc.error("independent.reference", f"unknown arm '{reference}' (arms: {arm_names})")
+    for i, check in enumerate(spec.hypothesis.checks):
+        for key in ("arm", "than"):
+            arm = getattr(check, key)
+            if arm is not None and arm not in arm_trees:
+                raise doc.error(f"hypothesis.checks.{i}.{key}",
+                                f"unknown arm '{arm}' (arms: {', '.join(arm_names)})")
+
+    # ---- budgets by comparison axis, then arms x seeds ------------------------------------------
+    plan = Plan(spec=spec, doc=doc, arms=arm_values,
+                variables=sorted(declared | set(ind.derived)), reference=reference)
+    evaluation = spec.evaluation.model_dump(mode="json", exclude={"diagnostics", "primary_metric"})
+    for name in arm_names:
+        budget, eval_cfg = _resolve_budget(spec, doc, name, arm_trees[name], evaluation)
+        for seed in spec.meta.seeds:
+            tree = copy.deepcopy(arm_trees[name])
+            tree["train"]["seed"] = seed
+            cfg = RunConfig.model_validate({
+                **tree, "budget": budget, "eval": eval_cfg,
+                "diagnostics": spec.evaluation.diagnostics.model_dump(mode="json"),
+            })
+            plan.runs.append(PlannedRun(run_id=_run_id(name, seed), arm=name, seed=seed,
+                                        config=cfg, values=arm_values[name]))
+    return plan
+
+
+def _run_id(arm: str, seed: int) -> str:
+    return f"{arm}-s{seed}"
+
+
+def _steps_for_tokens(train: TrainConfig, tokens: int) -> int | None:
+    """The whole number of steps that sees exactly ``tokens`` tokens, or None."""
+    ramp_steps = max(train.seq_len_warmup_steps, train.batch_ramp_steps)
+    ramp_tokens = train.tokens_after(ramp_steps)
+    if tokens < ramp_tokens:
+        return next((s for s in range(ramp_steps + 1) if train.tokens_after(s) == tokens), None)
+    rest = tokens - ramp_tokens
+    per_step = train.tokens_per_step
+    return ramp_steps + rest // per_step if rest % per_step == 0 else None
+
+
+def _resolve_budget(spec: Spec, doc: YamlDoc, arm: str, tree: dict[str, Any],
+                    evaluation: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    b, axis = spec.budget, spec.comparison_axis
+    train = TrainConfig.model_validate(tree["train"])
+    budget: dict[str, Any] = {"max_memory_mb": b.max_memory_mb}
+    eval_cfg = dict(evaluation)
+    if axis == "equal_tokens":
+        if b.tokens is None:
+            raise doc.error("budget.tokens", "comparison_axis equal_tokens needs budget.tokens")
+        for other in ("steps", "wall_clock_s"):
+            if getattr(b, other) is not None:
+                raise doc.error(f"budget.{other}", f"equal_tokens derives each arm's steps from "
+                                f"budget.tokens; a budget.{other} would end arms at different "
+                                "token counts: remove it")
+        steps = _steps_for_tokens(train, b.tokens)
+        if steps is None:
+            per_step = train.tokens_per_step
+            lo = b.tokens // per_step * per_step
+            raise doc.error("budget.tokens",
+                            f"arm {arm}: {b.tokens:,} tokens is not a whole number of steps of "
+                            f"{per_step:,} tokens (batch_size {train.batch_size} x seq_len "
+                            f"{train.seq_len}); try {lo:,} or {lo + per_step:,}, or a multiple "
+                            "of every arm's tokens per step")
+        budget.update(tokens=b.tokens, steps=steps)
+    elif axis == "equal_steps":
+        if b.steps is None:
+            raise doc.error("budget.steps", "comparison_axis equal_steps needs budget.steps")
+        for other in ("tokens", "wall_clock_s"):
+            if getattr(b, other) is not None:
+                raise doc.error(f"budget.{other}", f"equal_steps gives every arm budget.steps; a "
+                                f"budget.{other} would end arms at different step counts: remove it")
+        budget.update(steps=b.steps, tokens=train.tokens_after(b.steps))
+    else:  # equal_wall_clock
+        if b.wall_clock_s is None:
+            raise doc.error("budget.wall_clock_s",
+                            "comparison_axis equal_wall_clock needs budget.wall_clock_s")
+        for other in ("tokens", "steps"):
+            if getattr(b, other) is not None:
+                raise doc.error(f"budget.{other}", f"equal_wall_clock gives every arm the same "
+                                f"training seconds; a budget.{other} would stop arms early: remove it")
+        if evaluation["every_tokens"] or evaluation["every_steps"]:
+            raise doc.error("evaluation", "equal_wall_clock evaluates at the same wall-clock points: "
+                            "use evaluation.every_seconds, not every_tokens/every_steps")
+        budget.update(wall_clock_s=b.wall_clock_s)
+        eval_cfg["every_seconds"] = evaluation["every_seconds"] or b.wall_clock_s / 10
+    if budget.get("steps") is not None and budget["steps"] < 1:
+        raise doc.error("budget", f"arm {arm}: the budget is less than one step")
+    return budget, eval_cfg

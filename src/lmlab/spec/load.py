@@ -1,0 +1,110 @@
+"""YAML in, typed config out, with every error pointing at a file, a line and a field.
+
+``load_yaml`` keeps a map from dotted field paths to the line they were written on, so a pydantic
+validation error deep in the tree becomes ``spec.yaml:14 independent.arms.big.lr: ...``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from lmlab.errors import UserError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass
+class YamlDoc:
+    path: Path
+    data: Any
+    lines: dict[str, int]  # "a.b.0.c" -> 1-based line number
+
+    def line_of(self, field: str) -> int | None:
+        """The line of ``field`` or of its nearest written ancestor."""
+        parts = field.split(".") if field else []
+        while parts:
+            key = ".".join(parts)
+            if key in self.lines:
+                return self.lines[key]
+            parts.pop()
+        return self.lines.get("", 1)
+
+    def error(self, field: str, message: str) -> UserError:
+        return UserError(message, file=str(self.path), line=self.line_of(field), field=field or None)
+
+
+def _walk(node: yaml.Node, prefix: str, lines: dict[str, int], doc_path: Path) -> None:
+    lines.setdefault(prefix, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            if key in seen:
+                raise UserError(f"duplicate key '{key}'", file=str(doc_path),
+                                line=key_node.start_mark.line + 1, field=f"{prefix}.{key}".strip("."))
+            seen.add(key)
+            path = f"{prefix}.{key}" if prefix else key
+            lines[path] = key_node.start_mark.line + 1
+            _walk(value_node, path, lines, doc_path)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            path = f"{prefix}.{i}" if prefix else str(i)
+            lines[path] = item.start_mark.line + 1
+            _walk(item, path, lines, doc_path)
+
+
+def load_yaml(path: Path | str) -> YamlDoc:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError("file not found", file=str(path)) from None
+    except OSError as e:
+        raise UserError(f"cannot read: {e.strerror}", file=str(path)) from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark else None
+        raise UserError(f"YAML syntax error: {e.problem or e}", file=str(path), line=line) from None
+    lines: dict[str, int] = {}
+    if node is not None:
+        _walk(node, "", lines, path)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError("expected a mapping of sections at the top level", file=str(path), line=1)
+    return YamlDoc(path=path, data=data, lines=lines)
+
+
+def _describe(err: dict[str, Any]) -> str:
+    kind, msg = err.get("type", ""), err.get("msg", "invalid value")
+    value = err.get("input")
+    if kind == "extra_forbidden":
+        return "unknown field"
+    if kind == "missing":
+        return "required field is missing"
+    if kind.endswith("_parsing") or kind.endswith("_type"):
+        return f"{msg[0].lower()}{msg[1:]}, got {value!r}"
+    return msg.removeprefix("Value error, ")
+
+
+def validate(doc: YamlDoc, model: type[M], data: Any = None, prefix: str = "") -> M:
+    """Build ``model`` from ``data`` (default: the whole document); the first error becomes a
+    UserError with the file, line and dotted field of the offending value."""
+    try:
+        return model.model_validate(doc.data if data is None else data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        # Drop pydantic's union/tag segments (they are not fields a user wrote).
+        loc = [str(p) for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-")))]
+        field = ".".join(([prefix] if prefix else []) + loc)
+        more = len(e.errors()) - 1
+        suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
+        raise doc.error(field, _describe(err) + suffix) from None

@@ -1,0 +1,460 @@
+"""The training loop: one RunConfig in, one run's records in the store.
+
+Reads top to bottom: set up (data, model, optimizer, resume) -> train until the budget is spent
+-> final evaluation -> summary. Every log interval writes one transaction of metric rows (each
+with step, tokens seen and training seconds); evaluation, diagnostics and checkpoints happen
+between steps and outside the timed part. Reports are never built here.
+
+One deliberate host sync per step: the finiteness of the loss and gradient norm is read before the
+optimizer step, because a non-finite update must never be applied (it would corrupt the weights
+the run's record describes). On CPU this costs nothing; on GPU it is a 1-byte read per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lmlab import __version__
+from lmlab.config import RunConfig
+from lmlab.data.batches import TrainBatcher, iter_eval_batches
+from lmlab.data.tokenize import DataBundle, SplitStats, prepare_data
+from lmlab.errors import UserError
+from lmlab.model import build_model, load_pretrained_gpt2
+from lmlab.model.wrap import apply_activation_checkpointing, maybe_compile
+from lmlab.optim import build_optimizer, build_schedule, optimizer_state_bytes, set_lr
+from lmlab.store import Store
+from lmlab.store.provenance import capture
+from lmlab.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from lmlab.train.diagnostics import Diagnostics, SpikeDetector
+from lmlab.train.memory import read_peak, reset_peak
+
+TERMINAL = ("completed", "diverged", "over_budget", "failed")
+
+
+@dataclass
+class LogLine:
+    """What a progress display needs after each log interval."""
+
+    run_id: str
+    step: int
+    tokens: int
+    progress: float
+    train_loss: float
+    tokens_per_s: float
+    val_loss: float | None = None
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    status: str
+    summary: dict[str, Any]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device is 'cuda' but no CUDA device is available", field="train.device")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def loss_terms(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float,
+               z_loss: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy as reported, objective that is minimised). Reported loss stays plain CE so
+    arms with and without label smoothing or z-loss are compared on the same number."""
+    flat, tgt = logits.float().flatten(0, 1), targets.flatten()
+    ce = F.cross_entropy(flat, tgt)
+    objective = ce if label_smoothing == 0 else F.cross_entropy(flat, tgt, label_smoothing=label_smoothing)
+    if z_loss > 0:  # PaLM's auxiliary loss: keeps the softmax normaliser near 1
+        objective = objective + z_loss * torch.logsumexp(flat, dim=-1).pow(2).mean()
+    return ce, objective
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, tokens: Any, stats: SplitStats, seq_len: int, batch_size: int,
+             max_batches: int | None, device: torch.device, precision: str) -> dict[str, float]:
+    """Loss over non-overlapping windows of the split; the full split unless max_batches caps it.
+
+    Besides loss and perplexity: bits per byte and word-level perplexity (total NLL over the
+    split's whitespace-separated words, as lm-evaluation-harness's wikitext task defines it), which
+    stay comparable across tokenizers.
+    """
+    was_training = model.training
+    model.eval()
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    n = 0
+    for x, y in iter_eval_batches(tokens, seq_len, batch_size, max_batches):
+        x, y = x.to(device), y.to(device)
+        with autocast_context(device, precision):
+            logits = model(x)
+        nll += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
+        n += y.numel()
+    model.train(was_training)
+    total = nll.item()
+    loss = total / n
+    # On a capped evaluation the NLL of the whole split is extrapolated from the per-token loss.
+    split_nll = total if max_batches is None else loss * max(stats.n_tokens - 1, 1)
+    return {
+        "loss": loss,
+        "ppl": math.exp(min(loss, 700.0)),
+        "bpb": split_nll / (math.log(2) * stats.n_bytes),
+        "word_ppl": math.exp(min(split_nll / stats.n_words, 700.0)),
+        "tokens": float(n),
+    }
+
+
+class _Budget:
+    """Progress through the run's budget: the fraction done on whichever limit binds first."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        b = cfg.budget
+        self.steps, self.tokens, self.seconds = b.steps, b.tokens, b.wall_clock_s
+
+    def progress(self, step: int, tokens: int, train_s: float) -> float:
+        fractions = []
+        if self.steps:
+            fractions.append(step / self.steps)
+        if self.tokens:
+            fractions.append(tokens / self.tokens)
+        if self.seconds:
+            fractions.append(train_s / self.seconds)
+        return min(max(fractions), 1.0)
+
+
+class _Cadence:
+    """Fires each time a monotone quantity (tokens, steps, seconds, progress) crosses the next
+    multiple of ``every``."""
+
+    def __init__(self, every: float, next_at: float | None = None) -> None:
+        self.every = every
+        self.next_at = every if next_at is None else next_at
+
+    def due(self, value: float) -> bool:
+        if value + 1e-12 < self.next_at:
+            return False
+        while self.next_at <= value + 1e-12:
+            self.next_at += self.every
+        return True
+
+
+def _eval_cadence(cfg: RunConfig) -> tuple[str, _Cadence]:
+    e = cfg.eval
+    if e.every_tokens:
+        return "tokens", _Cadence(e.every_tokens)
+    if e.every_steps:
+        return "step", _Cadence(e.every_steps)
+    if e.every_seconds:
+        return "train_s", _Cadence(e.every_seconds)
+    return "progress", _Cadence(0.1)  # default: ten evaluations through the run
+
+
+def train(cfg: RunConfig, run_id: str, store: Store, run_dir: Path, *, base: Path | None = None,
+          on_log: Callable[[LogLine], None] | None = None,
+          should_stop: Callable[[], bool] | None = None, data: DataBundle | None = None,
+          ) -> RunResult:
+    """Train one configuration. Resumes from ``run_dir``'s checkpoint when there is one."""
+    tc, dc = cfg.train, cfg.diagnostics
+    device = resolve_device(tc.device)
+    wall_start = time.perf_counter()
+
+    # ---- data, model, optimizer ----------------------------------------------------------------
+    data = data or prepare_data(cfg.data, cfg.tokenizer, base)
+    torch.manual_seed(tc.seed)
+    if tc.init_from:
+        if cfg.tokenizer.kind != "gpt2":
+            raise UserError("init_from a pretrained GPT-2 needs tokenizer.kind: gpt2",
+                            field="train.init_from")
+        model = load_pretrained_gpt2(tc.init_from)
+    else:
+        model = build_model(cfg.model, data.tokenizer.vocab_size, tc.seq_len)
+    model.to(device)
+    raw_model = model
+    apply_activation_checkpointing(raw_model, tc.activation_checkpointing)
+    optimizer = build_optimizer(cfg.optimizer, raw_model, device.type)
+    schedule = build_schedule(cfg.schedule)
+    scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = tc.tf32
+        torch.backends.cudnn.allow_tf32 = tc.tf32
+    params = [p for p in raw_model.parameters() if p.requires_grad]
+    ema = [p.detach().clone() for p in params] if tc.ema_decay else None
+
+    batcher = TrainBatcher(data.splits["train"], tc.seed, tc.seq_len)
+    probe_x = next(iter_eval_batches(data.splits["valid"], tc.seq_len, 4, 1))[0].to(device)
+    diag = Diagnostics(dc, raw_model, probe_x)
+    spikes = SpikeDetector.from_config(dc)
+    budget = _Budget(cfg)
+    eval_on, eval_cadence = _eval_cadence(cfg)
+
+    # ---- counters, or the checkpoint's -------------------------------------------------------
+    step = samples = tokens = 0
+    train_s = 0.0
+    early_loss: float | None = None
+    pending: list[tuple[int, int, float, float, float, float]] = []  # step, tokens, s, loss, gnorm, lr
+    ckpt = load_checkpoint(run_dir)
+    if ckpt is not None:
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        if ema is not None:
+            for e, v in zip(ema, ckpt["ema"], strict=True):
+                e.copy_(v)
+        step, samples, tokens, train_s = ckpt["step"], ckpt["samples"], ckpt["tokens"], ckpt["train_s"]
+        early_loss = ckpt["early_loss"]
+        pending = ckpt["pending"]
+        spikes.load_state_dict(ckpt["spikes"])
+        eval_cadence.next_at = ckpt["eval_next_at"]
+        set_rng_state(ckpt["rng"])
+    # Rows written after the checkpoint (a killed run) are dropped: the resumed run rewrites them.
+    store.truncate_after(run_id, step if ckpt is not None else -1)
+    if ckpt is not None:
+        store.log_event(run_id, step, tokens, train_s, "resume", {"from_step": step})
+    store.set_provenance(run_id, capture() | {
+        "corpus": data.corpus.name, "is_wikitext2": data.corpus.is_wikitext2,
+        "data_hash": data.corpus.hash, "data_sha256": data.corpus.sha256,
+        "tokenizer_hash": data.tokenizer.hash, "vocab_size": data.tokenizer.vocab_size,
+        "device": str(device), "lmlab_version": __version__,
+    })
+    store.set_status(run_id, "running")
+    model, compile_note = maybe_compile(raw_model, tc.compile)
+    if compile_note:
+        store.log_event(run_id, step, tokens, train_s, "compile_fallback", {"reason": compile_note})
+    compiled_ok = tc.compile == "off" or compile_note is not None
+    reset_peak(device)
+    autocast = autocast_context(device, tc.precision)
+    max_mem = cfg.budget.max_memory_mb * 2**20 if cfg.budget.max_memory_mb else None
+    last_eval: dict[str, float] = {}
+    status = "completed"
+    reason: dict[str, Any] = {}
+
+    def log_eval(split: str = "valid", full: bool = False) -> dict[str, float]:
+        """Evaluate and log; ``full`` ignores eval.max_batches (the final numbers are exact)."""
+        if ema is not None:  # evaluate the EMA weights, then put the training weights back
+            live = [p.detach().clone() for p in params]
+            for p, e in zip(params, ema, strict=True):
+                p.data.copy_(e)
+        tokens_arr = data.splits[split]
+        result = evaluate(model, tokens_arr, data.stats[split], tc.seq_len, cfg.eval.batch_size,
+                          None if full else cfg.eval.max_batches, device, tc.precision)
+        if ema is not None:
+            for p, v in zip(params, live, strict=True):
+                p.data.copy_(v)
+        prefix = "val" if split == "valid" else split
+        store.log_metrics(run_id, step, tokens, train_s, {
+            f"{prefix}_{k}": v for k, v in result.items() if k != "tokens"})
+        return result
+
+    def checkpoint() -> None:
+        _to_host(pending)
+        save_checkpoint(run_dir, {
+            "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "ema": ema, "step": step, "samples": samples,
+            "tokens": tokens, "train_s": train_s, "early_loss": early_loss, "pending": pending,
+            "spikes": spikes.state_dict(), "eval_next_at": eval_cadence.next_at, "rng": rng_state(),
+            "config_hash": cfg.config_hash,
+        })
+
+    def flush() -> tuple[float, float]:
+        """Write the pending per-step rows plus the interval's speed and memory in one transaction,
+        and run the stability detectors on the per-step losses. Returns (mean loss, tokens/s)."""
+        nonlocal early_loss, status, reason, prev_point
+        _to_host(pending)
+        rows = []
+        for s, t, w, loss, gnorm, lr in pending:
+            rows.append((s, t, w, {"train_loss": loss, "grad_norm": gnorm, "lr": lr}))
+            spike = spikes.update(s, loss)
+            if spike:
+                store.log_event(run_id, s, t, w, "spike", spike)
+        last = pending[-1]
+        peak = read_peak(device)
+        interval = {"peak_mem_bytes": float(peak.peak_bytes)}
+        if peak.reserved_bytes is not None:
+            interval["peak_mem_reserved_bytes"] = float(peak.reserved_bytes)
+        interval.update(_interval_speed(prev_point, last))
+        rows[-1][3].update(interval)
+        store.log_many(run_id, rows)
+        mean_loss = sum(r[3] for r in pending) / len(pending)
+        if status != "completed":
+            pass  # already stopping (non-finite step): its event is recorded
+        elif early_loss is None:
+            early_loss = mean_loss
+        elif not mean_loss <= dc.divergence_factor * early_loss:  # also catches NaN
+            store.log_event(run_id, last[0], last[1], last[2], "divergence",
+                            {"loss": mean_loss, "early_loss": early_loss,
+                             "factor": dc.divergence_factor})
+            status, reason = "diverged", {"reason": "loss above divergence_factor x early loss"}
+        if max_mem is not None and peak.peak_bytes > max_mem:
+            store.log_event(run_id, last[0], last[1], last[2], "over_budget",
+                            {"peak_mem_bytes": peak.peak_bytes,
+                             "max_memory_mb": cfg.budget.max_memory_mb})
+            status, reason = "over_budget", {"peak_mem_bytes": peak.peak_bytes}
+        pending.clear()
+        prev_point = (last[0], last[1], last[2])
+        return mean_loss, interval.get("tokens_per_s", 0.0)
+
+    prev_point = (step, tokens, train_s)  # where the current log interval started
+    if ckpt is None and step == 0:
+        last_eval = log_eval()
+
+    # ---- the loop --------------------------------------------------------------------------------
+    try:
+        while (progress := budget.progress(step, tokens, train_s)) < 1.0 and status == "completed":
+            if should_stop is not None and should_stop():
+                status = "interrupted"
+                break
+            seq_len, batch = tc.seq_len_at(step), tc.batch_size_at(step)
+            lr_mult = schedule(step, progress)
+            set_lr(optimizer, lr_mult)
+            probing = diag.due(step)
+            before = diag.snapshot() if probing else None
+
+            t0 = time.perf_counter()
+            loss = torch.zeros((), device=device)
+            start = samples
+            while start < samples + batch:  # micro-batches of at most micro_batch_size sequences
+                n = min(tc.micro_batch_size, samples + batch - start)
+                x, y = batcher.batch(start, n, seq_len)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                try:
+                    with autocast:
+                        logits = model(x)
+                except Exception as e:  # torch.compile can fail on the first real call
+                    if compiled_ok:
+                        raise
+                    store.log_event(run_id, step, tokens, train_s, "compile_fallback",
+                                    {"reason": f"{type(e).__name__}: {e}"[:2000]})
+                    model, compiled_ok = raw_model, True
+                    with autocast:
+                        logits = model(x)
+                compiled_ok = True
+                ce, objective = loss_terms(logits, y, tc.label_smoothing, tc.z_loss)
+                scaler.scale(objective * (n / batch)).backward()
+                loss += ce.detach() * (n / batch)
+                start += n
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip or math.inf)
+            finite = torch.isfinite(loss) if scaler.is_enabled() else torch.isfinite(loss) & torch.isfinite(grad_norm)
+            if not bool(finite):  # the one per-step host sync (see module docstring)
+                train_s += time.perf_counter() - t0
+                pending.append((step + 1, tokens + batch * seq_len, train_s, loss.item(),
+                                grad_norm.item(), optimizer.param_groups[0]["lr"]))
+                store.log_event(run_id, step + 1, tokens, train_s, "nan",
+                                {"loss": loss.item(), "grad_norm": grad_norm.item(),
+                                 "note": "stopped before the optimizer step"})
+                status, reason = "diverged", {"reason": "non-finite loss or gradient norm"}
+                break
+            step_s = time.perf_counter() - t0
+            probe_rows = diag.grad_norms() if probing else {}
+            t1 = time.perf_counter()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - tc.ema_decay)
+            step_s += time.perf_counter() - t1
+            step, samples, tokens = step + 1, samples + batch, tokens + batch * seq_len
+            train_s += step_s
+            pending.append((step, tokens, train_s, loss, grad_norm, optimizer.param_groups[0]["lr"]))
+
+            # ---- between steps: logging, probe, evaluation, checkpoint (untimed) ----
+            if probing:
+                if before is not None:
+                    probe_rows.update(diag.update_ratios(before))
+                probe_rows.update(diag.probe())
+                store.log_metrics(run_id, step, tokens, train_s, probe_rows)
+            at_end = budget.progress(step, tokens, train_s) >= 1.0
+            if step % cfg.eval.log_every_steps == 0 or at_end:
+                mean_loss, tok_s = flush()
+                if on_log:
+                    on_log(LogLine(run_id, step, tokens, budget.progress(step, tokens, train_s),
+                                   mean_loss, tok_s, last_eval.get("loss")))
+            if status != "completed":
+                break
+            value = {"tokens": tokens, "step": step, "train_s": train_s,
+                     "progress": budget.progress(step, tokens, train_s)}[eval_on]
+            if eval_cadence.due(value) or at_end:
+                if pending:  # evaluation rows never precede the train rows of their steps
+                    flush()
+                last_eval = log_eval(full=at_end)
+            if step % cfg.eval.checkpoint_every_steps == 0 and not at_end:
+                checkpoint()
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        store.log_event(run_id, step, tokens, train_s, "oom", {"error": str(e)[:2000]})
+        status, reason = "over_budget", {"reason": "out of memory"}
+        pending.clear()
+
+    # ---- wrap up ----------------------------------------------------------------------------------
+    if status == "interrupted":
+        checkpoint()  # pending rows travel in the checkpoint and are written after the resume
+    elif pending:
+        flush()
+    if status == "interrupted":
+        store.log_event(run_id, step, tokens, train_s, "interrupted", {})
+        store.set_status(run_id, "interrupted")
+        return RunResult(run_id, "interrupted", {})
+    if status == "completed":
+        checkpoint()  # the final state: a rerun of a completed run has nothing left to do
+    summary = _summary(store, run_id, cfg, raw_model, optimizer, step, tokens, train_s,
+                       time.perf_counter() - wall_start, device)
+    if cfg.eval.test_at_end and status == "completed":
+        test = log_eval("test", full=True)
+        summary.update({f"test_{k}": v for k, v in test.items() if k != "tokens"})
+    summary.update(reason)
+    store.set_status(run_id, status, summary=summary)
+    return RunResult(run_id, status, summary)
+
+
+def _to_host(pending: list) -> None:
+    """Replace the per-step loss / grad-norm tensors in ``pending`` by floats, in one device read."""
+    live = [i for i, r in enumerate(pending) if isinstance(r[3], torch.Tensor)]
+    if not live:
+        return
+    values = torch.stack([torch.stack([pending[i][3].float(), pending[i][4].float()])
+                          for i in live]).tolist()
+    for i, (loss, gnorm) in zip(live, values, strict=True):
+        s, t, w, _, _, lr = pending[i]
+        pending[i] = (s, t, w, loss, gnorm, lr)
+
+
+def _interval_speed(prev: tuple[int, int, float], last: tuple) -> dict[str, float]:
+    """Step time and tokens/sec over one log interval (training time only)."""
+    steps = last[0] - prev[0]
+    seconds = last[2] - prev[2]
+    if steps <= 0 or seconds <= 0:
+        return {}
+    return {"step_time_s": seconds / steps, "tokens_per_s": (last[1] - prev[1]) / seconds}
+
+
+def _summary(store: Store, run_id: str, cfg: RunConfig, model: torch.nn.Module,
+             optimizer: torch.optim.Optimizer, step: int, tokens: int, train_s: float,
+             wall_s: float, device: torch.device) -> dict[str, Any]:
+    peak = read_peak(device)
+    out: dict[str, Any] = {
+        "steps": step, "tokens": tokens, "train_s": train_s, "wall_s": wall_s,
+        "tokens_per_s": tokens / train_s if train_s > 0 else None,
+        "peak_mem_bytes": peak.peak_bytes, "peak_mem_kind": peak.kind,
+        "peak_mem_reserved_bytes": peak.reserved_bytes,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+        "optimizer_impl": getattr(optimizer, "lmlab_impl", None),
+    }
+    for name in ("val_loss", "val_ppl", "val_bpb", "val_word_ppl"):
+        out[f"final_{name}"] = store.last_metric(run_id, name)
+    return out
