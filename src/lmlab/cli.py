@@ -46,8 +46,9 @@ def train(
     doc = load_yaml(config)
     cfg = validate(doc, RunConfig)
     out_dir = out_dir or Path("runs") / config.stem
-    result = run_single(cfg, out_dir, run_id=f"{config.stem}-seed{cfg.train.seed}",
-                        base=config.parent.resolve())
+    with doc.located():
+        result = run_single(cfg, out_dir, run_id=f"{config.stem}-seed{cfg.train.seed}",
+                            base=config.parent.resolve())
     out.print(f"[bold]{result.run_id}[/]: {result.status}")
     for key in ("final_val_loss", "final_val_ppl", "final_val_bpb", "final_val_word_ppl",
                 "tokens_per_s", "peak_mem_bytes"):
@@ -90,6 +91,12 @@ def _plan(spec: Path):
     from lmlab.spec.expand import load_plan
 
     return load_plan(spec)
+
+
+def spec_field(run_field: str) -> str:
+    from lmlab.spec.expand import spec_field as to_spec
+
+    return to_spec(run_field)
 
 
 def _placeholders(spec: Path) -> list[str]:
@@ -149,7 +156,7 @@ def plan(
     if no_estimate:
         record = p.to_json()
     else:
-        with console.status("timing a few real steps of each shape..."):
+        with console.status("timing a few real steps of each shape..."), p.doc.located(spec_field):
             record = estimate(p, None, prepare_plan_data(p))
     if as_json:
         out.print_json(json.dumps(record))
@@ -181,7 +188,7 @@ def preflight(
     p = _plan(spec)
     out_dir = out_dir or Path("runs") / p.spec.meta.name
     open_experiment(p, out_dir)
-    with console.status("preflight: overfitting a tiny slice..."):
+    with console.status("preflight: overfitting a tiny slice..."), p.doc.located(spec_field):
         record = run_preflight(p, out_dir)
     table = Table(title="Overfit Sanity (preflight)")
     for col in ("arms", "steps", "initial loss", "final loss", "threshold", "NaN", "grads finite", "result"):
@@ -216,8 +223,9 @@ def run(
     if fallback_corpus is not None:
         p = _with_fallback(p, fallback_corpus)
     out_dir = out_dir or Path("runs") / p.spec.meta.name
-    result = run_experiment(p, out_dir, skip_preflight=skip_preflight, force_new=force_new,
-                            parallel=parallel)
+    with p.doc.located(spec_field):
+        result = run_experiment(p, out_dir, skip_preflight=skip_preflight, force_new=force_new,
+                                parallel=parallel)
     if result["moved"]:
         console.print(f"previous results moved to {result['moved']}")
     counts: dict[str, int] = {}
@@ -253,24 +261,13 @@ def _with_fallback(p, corpus: Path):
 
 
 def main() -> None:
-    """Console entry point: user errors exit 2 with one line, never a traceback."""
+    """Console entry point: user errors exit 2 with one line, never a traceback. Usage errors
+    (unknown option, missing argument) are click's, which also exit 2."""
     try:
-        app(standalone_mode=False)
+        app()
     except UserError as e:
         console.print(f"error: {e}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(e.exit_code)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except typer.Abort:
-        console.print("aborted")
-        sys.exit(130)
-    except Exception as e:  # click's usage errors (unknown option, missing argument) exit 2
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
 
 
 if __name__ == "__main__":

@@ -73,6 +73,18 @@ class Plan:
         }
 
 
+def spec_field(run_field: str) -> str:
+    """Where a spec writes a RunConfig field: ``data.path`` -> ``controlled.data.path``."""
+    section = run_field.split(".", 1)[0]
+    if section in VARIABLE_SECTIONS:
+        return f"controlled.{run_field}"
+    if section == "eval":
+        return "evaluation" + run_field[len("eval"):]
+    if section == "diagnostics":
+        return f"evaluation.{run_field}"
+    return run_field
+
+
 def load_spec(path: Path | str) -> tuple[Spec, YamlDoc]:
     doc = load_yaml(path)
     return validate(doc, Spec), doc

@@ -6,6 +6,8 @@ validation error deep in the tree becomes ``spec.yaml:14 independent.arms.big.lr
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,6 +38,19 @@ class YamlDoc:
 
     def error(self, field: str, message: str) -> UserError:
         return UserError(message, file=str(self.path), line=self.line_of(field), field=field or None)
+
+    @contextmanager
+    def located(self, to_yaml: Callable[[str], str] = lambda f: f) -> Iterator[None]:
+        """Give a UserError raised deeper down (data, tokenizer, model loading) this document's
+        file and the line of its field; ``to_yaml`` maps a RunConfig field to where the
+        document wrote it."""
+        try:
+            yield
+        except UserError as e:
+            if e.file is None:
+                field = to_yaml(e.field) if e.field else ""
+                e.file, e.line, e.field = str(self.path), self.line_of(field), field or None
+            raise
 
 
 def _walk(node: yaml.Node, prefix: str, lines: dict[str, int], doc_path: Path) -> None:

@@ -18,10 +18,9 @@ import torch
 
 from lmlab.config import RunConfig
 from lmlab.data.tokenize import DataBundle
-from lmlab.model import build_model
 from lmlab.model.wrap import apply_activation_checkpointing
 from lmlab.optim import build_optimizer
-from lmlab.train.loop import autocast_context, loss_terms, resolve_device
+from lmlab.train.loop import autocast_context, build_run_model, loss_terms, resolve_device
 
 
 @dataclass
@@ -71,7 +70,7 @@ def overfit(cfg: RunConfig, data: DataBundle, *, sequences: int, batch_size: int
     tc = cfg.train
     device = resolve_device(tc.device)
     torch.manual_seed(tc.seed)
-    model = build_model(cfg.model, data.tokenizer.vocab_size, tc.seq_len).to(device)
+    model = build_run_model(cfg, data.tokenizer.vocab_size).to(device)  # init_from too
     apply_activation_checkpointing(model, tc.activation_checkpointing)
     optimizer = build_optimizer(cfg.optimizer, model, device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
