@@ -132,6 +132,8 @@ def run_sweep(runs: list[PlannedRun], out_dir: Path, *, base: Path | None = None
                 env = dict(os.environ)
                 if slot is not None:
                     env["CUDA_VISIBLE_DEVICES"] = slot
+                elif len(slots) > 1:  # CPU runs side by side share the cores instead of fighting
+                    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(slots)))
                 cmd = [sys.executable, "-m", "lmlab.execute.worker", str(out_dir), run.run_id]
                 if base is not None:
                     cmd += ["--base", str(base)]
