@@ -260,6 +260,20 @@ def _with_fallback(p, corpus: Path):
     return expand(spec, p.doc)
 
 
+@app.command()
+def export(
+    directory: Annotated[Path, typer.Argument(help="an experiment directory")],
+    to: Annotated[str, typer.Option("--to", help="tensorboard | wandb | mlflow")],
+    dest: Annotated[Path | None, typer.Option(help="where to write (default DIR/<target>)")] = None,
+) -> None:
+    """Copy every run (config, metrics by step, events, summary) to a tracker."""
+    from lmlab.export import export as do_export
+
+    with console.status(f"exporting to {to}..."):
+        where = do_export(directory, to, dest)
+    out.print(f"exported {directory} to {to}: {where}")
+
+
 def main() -> None:
     """Console entry point: user errors exit 2 with one line, never a traceback. Usage errors
     (unknown option, missing argument) are click's, which also exit 2."""
