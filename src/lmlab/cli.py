@@ -261,6 +261,32 @@ def _with_fallback(p, corpus: Path):
 
 
 @app.command()
+def report(directory: Annotated[Path, typer.Argument(help="an experiment directory")]) -> None:
+    """Write the template back filled in: DIR/report.md, DIR/report.html, DIR/summary.csv."""
+    from lmlab.report import write_report
+
+    with console.status("writing the report..."):
+        paths = write_report(directory)
+    out.print(f"wrote {paths.markdown}\nwrote {paths.html}\nwrote {paths.csv}")
+
+
+@app.command()
+def compare(
+    dir_a: Annotated[Path, typer.Argument(help="an experiment directory")],
+    dir_b: Annotated[Path, typer.Argument(help="another experiment directory")],
+    markdown: Annotated[bool, typer.Option("--markdown", help="print Markdown instead")] = False,
+) -> None:
+    """Two experiments' per-arm summaries side by side."""
+    from lmlab.report import compare as do_compare
+
+    result = do_compare(dir_a, dir_b)
+    if markdown:
+        out.print(result.markdown(), markup=False, highlight=False)
+    else:
+        out.print(result.table())
+
+
+@app.command()
 def export(
     directory: Annotated[Path, typer.Argument(help="an experiment directory")],
     to: Annotated[str, typer.Option("--to", help="tensorboard | wandb | mlflow")],

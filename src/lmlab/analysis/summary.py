@@ -382,8 +382,9 @@ def _aggregate(arm: str, metric: str, x_key: str, series: list[tuple[np.ndarray,
         mean = _nan_reduce(np.nanmean, masked, count)
         low = _nan_reduce(np.nanmin, masked, count)
         high = _nan_reduce(np.nanmax, masked, count)
-        std = np.where(count >= 2, _nan_reduce(lambda a, axis: np.nanstd(a, axis=axis, ddof=1),
-                                               masked, count), np.nan)
+        # ddof=1 needs two seeds; columns with fewer keep NaN (no spread to show).
+        std = _nan_reduce(lambda a, axis: np.nanstd(a, axis=axis, ddof=1), masked,
+                          np.where(count >= 2, count, 0))
     return Curve(arm, metric, x_key, grid, mean, low, high, std, count, len(series))
 
 

@@ -34,6 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
+import numpy as np
 from scipy import stats as st
 
 from lmlab.analysis.stats import seeds_needed, summarize, welch
@@ -94,10 +95,18 @@ def evaluate_check(check: Check, arm_values: Sequence[float],
     """Judge one check. ``ref_values`` are the ``than`` arm's per-seed values (None for a check
     against a fixed ``value``); ``same_configuration`` marks an A/A pair of arms."""
     a = [float(x) for x in arm_values]
+    b = None if ref_values is None else [float(x) for x in ref_values]
+    if check.than is not None and b is None:
+        raise ValueError("a check with 'than' needs the other arm's values")
+    if not all(math.isfinite(x) for x in a + (b or [])):
+        # The summary layer keeps non-finite values out; a direct caller may not have.
+        with np.errstate(invalid="ignore"):
+            return _base(check, a, b, float(np.mean(b)) if b else float(check.value or 0.0),
+                         verdict="inconclusive", test="not testable",
+                         reason="cannot test: non-finite values (a diverged run?)")
     if check.than is None:
         return _against_value(check, a)
-    assert ref_values is not None, "a check with 'than' needs the other arm's values"
-    b = [float(x) for x in ref_values]
+    assert b is not None
     if check.op == "equivalent" or (check.op == "==" and check.margin > 0):
         return _equivalence(check, a, b)
     if check.op == "==":
@@ -149,6 +158,12 @@ def judge_experiment(exp: Experiment, arms: Mapping[str, ArmSummary]) -> Hypothe
 # -- the cases -----------------------------------------------------------------------------------
 
 
+def describe_check(check: Check) -> str:
+    """A check as a reader needs it: its name (if any) and always the comparison itself."""
+    formula = check.model_copy(update={"name": None}).describe()
+    return f"{check.name} ({formula})" if check.name else formula
+
+
 def _reference(check: Check) -> str:
     return check.than if check.than is not None else f"{check.value:g}"
 
@@ -157,7 +172,7 @@ def _base(check: Check, a: list[float], b: list[float] | None, ref_mean: float,
           **kw: object) -> CheckResult:
     mean_a = summarize(a).mean
     fields: dict[str, object] = {
-        "description": check.describe(), "metric": check.metric, "arm": check.arm,
+        "description": describe_check(check), "metric": check.metric, "arm": check.arm,
         "op": check.op, "reference": _reference(check), "margin": check.margin,
         "n_arm": len(a), "n_ref": None if b is None else len(b), "mean_arm": mean_a,
         "mean_ref": ref_mean, "diff": mean_a - ref_mean,
@@ -168,7 +183,7 @@ def _base(check: Check, a: list[float], b: list[float] | None, ref_mean: float,
 
 def _no_data(check: Check, why: str) -> CheckResult:
     nan = math.nan
-    return CheckResult(check.describe(), check.metric, check.arm, check.op, _reference(check),
+    return CheckResult(describe_check(check), check.metric, check.arm, check.op, _reference(check),
                        check.margin, "inconclusive", why, "no data", 0, None, nan, nan, nan,
                        power_note="nothing to estimate a spread from: run the arm first")
 
@@ -207,7 +222,8 @@ def _against_value(check: Check, a: list[float]) -> CheckResult:
     if check.op == "==" or check.metric in COUNT_METRICS:
         ok = [_holds(x, check.op, value, check.margin) for x in a]
         verdict: Outcome = "supported" if all(ok) else "refuted"
-        claim = (f"within ±{check.margin:g} of {value:g}" if check.op == "=="
+        claim = (f"within ±{check.margin:g} of {value:g}" if check.op == "==" and check.margin
+                 else f"equal to {value:g}" if check.op == "=="
                  else f"{check.op} {value + check.margin:g}")
         return _base(check, a, None, value, verdict=verdict,
                      reason=f"{sum(ok)} of {len(a)} seeds have {check.metric} {claim} "

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure as MplFigure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter
 
 from lmlab.analysis.summary import (
     X_LABEL,
@@ -137,7 +138,10 @@ def _event_markers(ax: Axes, exp: Experiment, x_key: str, colors: Mapping[str, A
                 curve = curves.get(run.arm)
                 y = (float(np.interp(x, curve.x, curve.mean)) if curve is not None
                      and np.isfinite(curve.mean).any() else ax.get_ylim()[1])
-            ax.plot([x], [float(y)], ls="none", marker=style["marker"], ms=9,
+            # A blow-up is far above the focused y-range: pin its marker to the top edge.
+            lo, hi = ax.get_ylim()
+            y = min(max(float(y), lo), hi)
+            ax.plot([x], [y], ls="none", marker=style["marker"], ms=9, clip_on=False,
                     color=colors[run.arm], markeredgecolor="black", markeredgewidth=0.8,
                     zorder=5)
             drawn.add(event["kind"])
@@ -164,6 +168,23 @@ def _focus_ylim(ax: Axes, curves: Mapping[str, Curve]) -> None:
         ax.set_ylim(lo - pad, hi + pad)
 
 
+def _log_y(ax: Axes) -> None:
+    """Log y-axis labelled 0.5, 2, 30 rather than 5×10⁻¹: losses and norms read as numbers."""
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    # Between decades only 2, 3 and 5 are labelled; all eight would collide.
+    ax.yaxis.set_minor_formatter(FuncFormatter(
+        lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "235" else ""))
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+
+
+def _wide(curves: Iterable[Curve]) -> bool:
+    """Whether values span more than a factor of 20: a log axis then shows them all."""
+    values = np.concatenate([c.high[np.isfinite(c.high)] for c in curves] or [np.array([])])
+    values = values[values > 0]
+    return values.size > 0 and float(values.max()) > 20 * float(values.min())
+
+
 def _x_axis(ax: Axes, x_key: str) -> None:
     ax.set_xlabel(X_LABEL[x_key])
     ax.grid(alpha=0.3)
@@ -174,9 +195,13 @@ def _x_axis(ax: Axes, x_key: str) -> None:
 def _legend(fig: MplFigure, colors: Mapping[str, Any], arms: Sequence[str], extra: Sequence[
         Line2D] = (), ncol: int | None = None) -> None:
     handles = [Line2D([], [], color=colors[a], lw=2, label=a) for a in arms] + list(extra)
-    fig.legend(handles=handles, loc="lower center", ncol=ncol or min(len(handles), 5),
-               bbox_to_anchor=(0.5, -0.02), frameon=False)
-    fig.tight_layout(rect=(0, 0.08 + 0.04 * (len(handles) // 6), 1, 1))
+    ncol = ncol or min(len(handles), 5)
+    rows = math.ceil(len(handles) / ncol)
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, bbox_to_anchor=(0.5, 0.0),
+               frameon=False)
+    # Reserve the legend's height in inches, whatever the figure's height.
+    bottom = (0.12 + 0.26 * rows) / fig.get_figheight()
+    fig.tight_layout(rect=(0, bottom, 1, 1))
 
 
 def _event_handles(kinds: set[str], diverged: bool) -> list[Line2D]:
@@ -238,13 +263,15 @@ def _grad_norm_figure(exp: Experiment, colors: Mapping[str, Any], out: Path) -> 
         clip = float(next(iter(clips)))
         ax.axhline(clip, color="black", lw=0.8, ls=":")
         extra.append(Line2D([], [], color="black", lw=0.8, ls=":", label=f"clip at {clip:g}"))
-    ax.set_yscale("log")
+    if _wide(curves.values()):
+        _log_y(ax)
     ax.set_ylabel("global gradient norm (before clipping)")
     ax.set_title(f"Global gradient norm vs {X_LABEL[exp.x_key]}")
     _x_axis(ax, exp.x_key)
     _legend(fig, colors, list(curves), extra)
     return _save(fig, out, "grad_norm", "Global gradient norm",
-                 "Per step, before clipping, log scale; mean over seeds with min–max band.")
+                 "Per step, before clipping; mean over seeds with min–max band (log scale when "
+                 "the values span more than a factor of 20).")
 
 
 def _speed_memory_figure(exp: Experiment, arms: Mapping[str, ArmSummary],
@@ -272,7 +299,7 @@ def _speed_memory_figure(exp: Experiment, arms: Mapping[str, ArmSummary],
         ax.grid(axis="x", alpha=0.3)
         ax.margins(x=0.15)
     fig.tight_layout()
-    return _save(fig, out, "speed_memory", f"Tokens/sec and {memory_label.lower()} per arm",
+    return _save(fig, out, "speed_memory", f"Tokens/sec and {memory_label} per arm",
                  "Bars: mean over seeds; whiskers: ±1 std; dots: individual seeds.")
 
 
@@ -314,13 +341,16 @@ def _diagnostics_figure(exp: Experiment, colors: Mapping[str, Any], out: Path) -
     cols = 2 if len(panels) > 1 else 1
     rows = math.ceil(len(panels) / cols)
     fig, axes = _subplots(rows, cols, (12, 3.8 * rows))
-    extra: list[Line2D] = []
     for ax, (title, draw) in zip(axes.flat, panels, strict=False):
-        extra += draw(ax) or []
+        styles = draw(ax)
+        if styles:
+            # Line styles mean different things per panel (block vs weight/bias): each panel
+            # explains its own; colours (arms) are shared and explained once below.
+            ax.legend(handles=styles, fontsize=8, frameon=False, loc="best")
         ax.set_title(title, fontsize=10)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
-    _legend(fig, colors, exp.arms, extra)
+    _legend(fig, colors, exp.arms)
     return _save(fig, out, "diagnostics", "Diagnostics",
                  "Probe-batch diagnostics logged every K steps: activation RMS of the first, "
                  "middle and last block; root-sum-square of the LayerNorm weight and bias "
@@ -353,7 +383,7 @@ def _ln_curves(ax: Axes, exp: Experiment, colors: Mapping[str, Any]) -> list[Lin
             ax.plot(curve.x[ok], curve.mean[ok], color=colors[arm], ls=style, lw=1.4)
         if curves:
             handles.append(Line2D([], [], color="grey", ls=style, label=f"norm{part} grads"))
-    ax.set_yscale("log")
+    _log_y(ax)
     ax.set_ylabel("gradient norm (all norm layers)")
     _x_axis(ax, exp.x_key)
     return handles
@@ -382,14 +412,14 @@ def _per_layer(ax: Axes, exp: Experiment, colors: Mapping[str, Any],
             warnings.simplefilter("ignore", RuntimeWarning)
             mean, lo, hi = np.nanmean(data, 0), np.nanmin(data, 0), np.nanmax(data, 0)
         # Arms side by side around each layer index, so whiskers do not hide each other.
-        x = np.array(index) + (k - (n_arms - 1) / 2) * 0.8 / n_arms
+        x = np.array(index) + (k - (n_arms - 1) / 2) * 0.4 / n_arms
         ax.errorbar(x, mean, yerr=[mean - lo, hi - mean], color=colors[arm], marker="o", ms=4,
                     lw=1.2, capsize=2)
     ax.set_xticks(index)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if log:
-        ax.set_yscale("log")
+        _log_y(ax)
     ax.grid(alpha=0.3)
     return []
 
@@ -410,7 +440,7 @@ def _preflight_figure(exp: Experiment, out: Path) -> Figure | None:
             thresholds.add(float(cfg["threshold"]))
     for t in thresholds:
         ax.axhline(t, color="black", ls=":", lw=1, label=f"pass threshold {t:g}")
-    ax.set_yscale("log")
+    _log_y(ax)
     ax.set_xlabel("preflight step")
     ax.set_ylabel("train loss on the fixed slice")
     ax.set_title("Overfit sanity: loss on a tiny fixed slice")
