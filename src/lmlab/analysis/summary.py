@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from lmlab.analysis.stats import Summary, summarize
+from lmlab.config import flatten
 from lmlab.errors import UserError
 from lmlab.spec.schema import METRICS, Spec
 from lmlab.store import FILENAME, STATUSES, MetricRow, Store
@@ -116,7 +117,7 @@ class Experiment:
         runs = [r for r in self.runs if r.arm == arm]
         if not runs:
             return {}
-        flat = flatten_config(runs[0].config)
+        flat = flatten(runs[0].config)
         return {path: flat.get(path) for path in self.variables}
 
     def runs_of(self, arm: str) -> list[RunRecord]:
@@ -420,25 +421,13 @@ def _on_grid(x: np.ndarray, y: np.ndarray, grid: np.ndarray) -> np.ndarray:
 # -- configs -------------------------------------------------------------------------------------
 
 
-def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"optimizer": {"lr": 1e-3}} -> {"optimizer.lr": 1e-3}; lists stay whole values."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten_config(value, path + "."))
-        else:
-            out[path] = value
-    return out
-
-
 # Differs between runs of one arm by design: never a controlled variable, never an arm's identity.
 PER_SEED_PATHS = frozenset({"train.seed"})
 
 
 def varied_paths(configs: Sequence[Mapping[str, Any]]) -> list[str]:
     """Config paths whose value is not the same in every run (the seed excluded)."""
-    flats = [flatten_config(c) for c in configs]
+    flats = [flatten(c) for c in configs]
     paths = sorted({p for f in flats for p in f} - PER_SEED_PATHS)
     return [p for p in paths if len({_hashable(f.get(p)) for f in flats}) > 1]
 
@@ -452,7 +441,7 @@ def same_config(exp: Experiment, arm_a: str, arm_b: str) -> bool:
 
 
 def _identity(config: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in flatten_config(config).items() if k not in PER_SEED_PATHS}
+    return {k: v for k, v in flatten(config).items() if k not in PER_SEED_PATHS}
 
 
 def _hashable(value: Any) -> Any:

@@ -24,10 +24,10 @@ from lmlab.analysis.summary import (
     PER_SEED_PATHS,
     ArmSummary,
     Experiment,
-    flatten_config,
     varied_paths,
 )
 from lmlab.analysis.verdict import CheckResult, HypothesisVerdict, describe_check
+from lmlab.config import flatten
 from lmlab.report.plots import Figure
 from lmlab.spec.schema import METRICS
 from lmlab.store import hardware_summary
@@ -181,7 +181,7 @@ class ReportContent:
         self.primary = self.spec.evaluation.primary_metric if self.spec else "final_val_loss"
         self.direction = METRICS[self.primary]
         self.configs = [r.config for r in exp.runs]
-        self.flat = flatten_config(self.configs[0]) if self.configs else {}
+        self.flat = flatten(self.configs[0]) if self.configs else {}
         self.declared = set(exp.variables) | set(
             self.spec.independent.derived if self.spec else {})
         self.varied = set(varied_paths(self.configs))
@@ -1010,7 +1010,7 @@ class ReportContent:
             return {"best": None, "items": [], "provisional": True,
                     "notes": [f"No arm has a defined {self.primary} yet: nothing to adopt."]}
         run = self.arms[best].runs[0]
-        flat = flatten_config(run.config)
+        flat = flatten(run.config)
 
         def pick(paths: Sequence[str], label: str, keep: set[str]) -> Item:
             chosen = [p for p in paths if p in variables]

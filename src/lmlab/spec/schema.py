@@ -13,6 +13,7 @@ from lmlab.config import (
     BudgetConfig,
     DataConfig,
     DiagnosticsConfig,
+    EvalConfig,
     ModelConfig,
     OptimizerConfig,
     ScheduleConfig,
@@ -128,17 +129,9 @@ class Independent(_Section):
         return self
 
 
-class Evaluation(_Section):
-    """Section 5's evaluation protocol and section 6's metrics to log."""
+class Evaluation(EvalConfig):
+    """Section 5's evaluation protocol (the run's EvalConfig) and section 6's metrics to log."""
 
-    every_tokens: int | None = Field(None, gt=0)
-    every_steps: int | None = Field(None, gt=0)
-    every_seconds: float | None = Field(None, gt=0)
-    max_batches: int | None = Field(None, gt=0)
-    batch_size: int = Field(16, ge=1)
-    test_at_end: bool = True
-    log_every_steps: int = Field(10, ge=1)
-    checkpoint_every_steps: int = Field(200, ge=1)
     diagnostics: DiagnosticsConfig = DiagnosticsConfig()
     primary_metric: Literal[tuple(METRICS)] = "final_val_loss"  # type: ignore[valid-type]
 
