@@ -287,6 +287,15 @@ def compare(
 
 
 @app.command()
+def systems(directory: Annotated[Path, typer.Argument(help="an experiment directory")]) -> None:
+    """The Memory / Systems addendum: step time, tokens/sec, peak memory and final val loss per
+    arm against the reference, with memory saved, speed change and behaviour difference."""
+    from lmlab.analysis.systems import print_systems
+
+    print_systems(directory)
+
+
+@app.command()
 def export(
     directory: Annotated[Path, typer.Argument(help="an experiment directory")],
     to: Annotated[str, typer.Option("--to", help="tensorboard | wandb | mlflow")],

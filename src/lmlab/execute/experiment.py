@@ -20,7 +20,7 @@ from lmlab.data.tokenize import DataBundle, prepare_data
 from lmlab.errors import UserError
 from lmlab.execute.estimate import estimate_plan
 from lmlab.execute.local import run_sweep
-from lmlab.spec.expand import Plan
+from lmlab.spec.expand import Plan, addendum_requested
 from lmlab.store import Store
 from lmlab.train.preflight import overfit, preflight_config, preflight_key
 
@@ -157,4 +157,12 @@ def run_experiment(plan: Plan, out_dir: Path, *, skip_preflight: bool = False,
                             ": fix the configuration, or rerun with --skip-preflight",
                             file=str(plan.doc.path), field="preflight")
     results = run_sweep(plan.runs, out_dir, base=plan.base, parallel=parallel)
-    return {"results": results, "preflight": preflight, "moved": moved}
+    addendum = None
+    if addendum_requested(plan.spec):
+        # The Memory / Systems addendum, from what the runs stored, stored beside them for the
+        # report (imported here: analysis reads the store after execution, never the reverse).
+        from lmlab.analysis.systems import systems_addendum
+
+        with Store.open(out_dir) as store:
+            addendum = systems_addendum(store)
+    return {"results": results, "preflight": preflight, "moved": moved, "addendum": addendum}

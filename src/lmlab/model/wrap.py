@@ -65,6 +65,6 @@ def maybe_compile(model: nn.Module, mode: CompileMode) -> tuple[nn.Module, str |
         return model, f"torch.compile is not supported on this platform/Python (torch {torch.__version__})"
     try:
         compiled = torch.compile(model, mode=mode)
-    except RuntimeError as e:  # e.g. a Python version this torch build's dynamo doesn't know
-        return model, f"torch.compile unavailable: {e}"
+    except Exception as e:  # e.g. a Python version this torch build's dynamo doesn't know
+        return model, f"torch.compile unavailable: {type(e).__name__}: {e}"
     return compiled, None

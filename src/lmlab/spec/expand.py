@@ -28,6 +28,10 @@ from lmlab.spec.schema import Spec
 # Sections of RunConfig an arm may change. Budgets are fixed by the axis, seeds by meta.seeds.
 VARIABLE_SECTIONS = ("data", "tokenizer", "model", "optimizer", "schedule", "train")
 NOT_INDEPENDENT = {"train.seed": "seeds are set by meta.seeds, the same for every arm"}
+# The Memory / Systems addendum measures every arm at the same effective batch (sequences per
+# optimizer step): these may not change between its arms (train.grad_accum may: micro-batch x
+# accumulation steps at a fixed batch).
+EFFECTIVE_BATCH = ("train.batch_size", "train.batch_size_start", "train.batch_ramp_steps")
 
 
 @dataclass(frozen=True)
@@ -172,6 +176,8 @@ def expand(spec: Spec, doc: YamlDoc) -> Plan:
         except expr.ExprError as e:
             raise doc.error(f"independent.derived.{path}", str(e)) from None
 
+    _check_addendum_conditions(spec, doc, design, declared)
+
     arm_names = [name for name, _, _ in design]
     duplicates = {n for n in arm_names if arm_names.count(n) > 1}
     if duplicates:
@@ -199,6 +205,16 @@ def expand(spec: Spec, doc: YamlDoc) -> Plan:
             current[path] = value
         arm_trees[name] = tree
         arm_values[name] = {**values, **{p: current[p] for p in ind.derived}}
+        mcfg, tcfg = tree["model"], tree["train"]
+        if mcfg["attention"] == "sdpa" and mcfg["sdpa_backend"] == "flash" and \
+                tcfg["precision"] == "fp32":
+            # On CUDA the pinned kernel would refuse every step (on CPU the pin is not applied).
+            raise doc.error(
+                next((f"{where}.{p}" for p in ("model.sdpa_backend", "train.precision")
+                      if p in values), "controlled.model.sdpa_backend"),
+                f"arm {name}: model.sdpa_backend 'flash' has no fp32 kernel (FlashAttention "
+                "runs fp16/bf16): use train.precision bf16 or fp16, or sdpa_backend efficient, "
+                "math or auto")
         for path, value in values.items():
             try:
                 RunConfig.model_validate({**tree, "budget": {"steps": 1}})
@@ -252,6 +268,40 @@ def expand(spec: Spec, doc: YamlDoc) -> Plan:
             plan.runs.append(PlannedRun(run_id=_run_id(name, seed), arm=name, seed=seed,
                                         config=cfg, values=arm_values[name]))
     return plan
+
+
+def addendum_requested(spec: Spec) -> bool:
+    """Whether the Memory / Systems addendum is asked for: ``systems_addendum: true``, or a
+    ``category: memory`` spec that doesn't switch it off."""
+    if spec.systems_addendum is not None:
+        return spec.systems_addendum
+    return spec.meta.category == "memory"
+
+
+def _check_addendum_conditions(spec: Spec, doc: YamlDoc,
+                               design: list[tuple[str, dict[str, Any], str]],
+                               declared: set[str]) -> None:
+    """The addendum's measurement conditions: fixed tokens per run (comparison_axis
+    equal_tokens), the same seed (every arm runs meta.seeds) and the same effective batch."""
+    if not addendum_requested(spec):
+        return
+    why = ("systems_addendum: true" if spec.systems_addendum else "category: memory") + \
+        " asks for the Memory / Systems addendum, which"
+    if spec.comparison_axis != "equal_tokens":
+        raise doc.error("comparison_axis", f"{why} measures at fixed tokens per run: "
+                        f"comparison_axis must be equal_tokens, not {spec.comparison_axis} "
+                        "(or set systems_addendum: false)")
+    ind = spec.independent
+    for path in EFFECTIVE_BATCH:
+        if path not in declared and path not in ind.derived:
+            continue
+        where = next((f"{w}.{path}" for _, values, w in design if path in values), None)
+        if path in ind.derived:
+            where = f"independent.derived.{path}"
+        raise doc.error(where or "independent.variables",
+                        f"{why} compares arms at the same effective batch: '{path}' cannot be "
+                        "an independent variable. Vary train.grad_accum to change the "
+                        "micro-batch at a fixed batch_size (or set systems_addendum: false)")
 
 
 def _run_id(arm: str, seed: int) -> str:
