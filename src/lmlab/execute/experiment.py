@@ -153,9 +153,9 @@ def run_experiment(plan: Plan, out_dir: Path, *, skip_preflight: bool = False,
             failed = [f"{', '.join(c['arms'])} (final loss {c['final_loss']:.3g} vs threshold "
                       f"{c['threshold']:g}{', NaN' if c['nan'] else ''})"
                       for c in preflight["configs"] if not c["passed"]]
-            raise UserError("preflight failed (Overfit Sanity) for " + "; ".join(failed) +
-                            ": fix the configuration, or rerun with --skip-preflight",
-                            file=str(plan.doc.path), field="preflight")
+            raise plan.doc.error("preflight", "preflight failed (Overfit Sanity) for " +
+                                 "; ".join(failed) + ": fix the configuration, or rerun with "
+                                 "--skip-preflight")
     results = run_sweep(plan.runs, out_dir, base=plan.base, parallel=parallel)
     addendum = None
     if addendum_requested(plan.spec):
