@@ -12,7 +12,7 @@ from lmlab.store import Store
 STATUS_FIELDS = (
     "run_id", "arm", "seed", "status", "steps", "tokens", "wall_s", "final_val_loss",
     "final_val_ppl", "final_val_bpb", "final_val_word_ppl", "tokens_per_s", "peak_mem_bytes",
-    "events",
+    "optimizer_state_bytes", "events",
 )
 
 
@@ -36,6 +36,8 @@ def run_status(store: Store) -> list[dict[str, Any]]:
             row[f"final_{name}"] = summary.get(f"final_{name}", store.last_metric(rid, name))
         row["tokens_per_s"] = summary.get("tokens_per_s", store.last_metric(rid, "tokens_per_s"))
         row["peak_mem_bytes"] = summary.get("peak_mem_bytes", store.last_metric(rid, "peak_mem_bytes"))
+        # Moments / momentum buffers held by the optimizer: what memory experiments compare.
+        row["optimizer_state_bytes"] = summary.get("optimizer_state_bytes")
         row["events"] = store.event_counts(rid)
         out.append(row)
     return out
