@@ -274,11 +274,11 @@ def test_interrupted_sweep_resumes_to_the_uninterrupted_result(tmp_path, article
     spec["budget"] = {"tokens": 8 * 32 * 40}
     path = write(tmp_path, spec)
     cmd = [sys.executable, "-m", "lmlab.cli", "run", str(path), "--skip-preflight"]
-    subprocess.run(cmd + ["--out", str(tmp_path / "ref")], check=True, capture_output=True)
+    subprocess.run([*cmd, "--out", str(tmp_path / "ref")], check=True, capture_output=True)
     reference = _metric_values(tmp_path / "ref")
 
     out = tmp_path / "exp"
-    proc = subprocess.Popen(cmd + ["--out", str(out)], stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([*cmd, "--out", str(out)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + 180
     while time.time() < deadline:  # wait until the second run is under way
@@ -297,7 +297,7 @@ def test_interrupted_sweep_resumes_to_the_uninterrupted_result(tmp_path, article
         states = {r["run_id"]: r["status"] for r in store.runs()}
     assert "interrupted" in states.values() and "pending" in states.values(), states
 
-    done = subprocess.run(cmd + ["--out", str(out)], capture_output=True, text=True)
+    done = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     with Store.open(out) as store:
         assert {r["status"] for r in store.runs()} == {"completed"}

@@ -7,7 +7,16 @@ between steps and outside the timed part. Reports are never built here.
 
 One deliberate host sync per step: the finiteness of the loss and gradient norm is read before the
 optimizer step, because a non-finite update must never be applied (it would corrupt the weights
-the run's record describes). On CPU this costs nothing; on GPU it is a 1-byte read per step.
+the run's record describes). On CPU this costs nothing; on GPU it is a 1-byte read per step. The
+per-step loss and global gradient norm (before clipping) stay on the device and are read together
+once per log interval. Diagnostics add a few reads at their own cadence, outside the timed step.
+
+When a run stops early its rows stay in the store and its status says why: ``diverged`` (a
+non-finite loss or gradient norm, recorded as a ``nan`` event before the optimizer step would have
+applied it; or a ``divergence`` event, the interval's loss above ``divergence_factor`` times the
+first interval's), ``over_budget`` (peak memory above ``budget.max_memory_mb``, an ``over_budget``
+event with the figure; or an out-of-memory error, an ``oom`` event). None of these raises, so a
+sweep goes on with its next run.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from lmlab.store import Store
 from lmlab.store.provenance import capture
 from lmlab.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from lmlab.train.diagnostics import Diagnostics, SpikeDetector
-from lmlab.train.memory import read_peak, reset_peak
+from lmlab.train.memory import MemoryPeak, read_peak, reset_peak
 
 TERMINAL = ("completed", "diverged", "over_budget", "failed")
 
@@ -66,6 +75,28 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def build_run_model(cfg: RunConfig, vocab_size: int) -> torch.nn.Module:
+    """The run's model: ``cfg.model`` freshly initialised, or GPT-2 weights when
+    ``train.init_from`` is set (then the shape comes from the checkpoint, and ``cfg.model`` only
+    contributes dropout, attention and sdpa_backend, which change no weights)."""
+    tc = cfg.train
+    if not tc.init_from:
+        return build_model(cfg.model, vocab_size, tc.seq_len)
+    if cfg.tokenizer.kind != "gpt2":
+        raise UserError("init_from a pretrained GPT-2 needs tokenizer.kind: gpt2",
+                        field="train.init_from")
+    model = load_pretrained_gpt2(tc.init_from, dropout=cfg.model.dropout,
+                                 attention=cfg.model.attention,
+                                 sdpa_backend=cfg.model.sdpa_backend)
+    if model.vocab_size < vocab_size:
+        raise UserError(f"'{tc.init_from}' has a vocabulary of {model.vocab_size} tokens, fewer "
+                        f"than the tokenizer's {vocab_size}", field="train.init_from")
+    if tc.seq_len > model.max_seq_len:
+        raise UserError(f"train.seq_len {tc.seq_len} is longer than the {model.max_seq_len} "
+                        f"positions of '{tc.init_from}'", field="train.seq_len")
+    return model
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -177,13 +208,7 @@ def train(cfg: RunConfig, run_id: str, store: Store, run_dir: Path, *, base: Pat
     # ---- data, model, optimizer ----------------------------------------------------------------
     data = data or prepare_data(cfg.data, cfg.tokenizer, base)
     torch.manual_seed(tc.seed)
-    if tc.init_from:
-        if cfg.tokenizer.kind != "gpt2":
-            raise UserError("init_from a pretrained GPT-2 needs tokenizer.kind: gpt2",
-                            field="train.init_from")
-        model = load_pretrained_gpt2(tc.init_from)
-    else:
-        model = build_model(cfg.model, data.tokenizer.vocab_size, tc.seq_len)
+    model = build_run_model(cfg, data.tokenizer.vocab_size)
     model.to(device)
     raw_model = model
     apply_activation_checkpointing(raw_model, tc.activation_checkpointing)
@@ -251,8 +276,11 @@ def train(cfg: RunConfig, run_id: str, store: Store, run_dir: Path, *, base: Pat
             for p, e in zip(params, ema, strict=True):
                 p.data.copy_(e)
         tokens_arr = data.splits[split]
-        result = evaluate(model, tokens_arr, data.stats[split], tc.seq_len, cfg.eval.batch_size,
-                          None if full else cfg.eval.max_batches, device, tc.precision)
+        # The eager model: torch.compile is a training-speed knob, and a compile failure must
+        # surface in the training step's fallback, not crash the step-0 evaluation.
+        result = evaluate(raw_model, tokens_arr, data.stats[split], tc.seq_len,
+                          cfg.eval.batch_size, None if full else cfg.eval.max_batches, device,
+                          tc.precision)
         if ema is not None:
             for p, v in zip(params, live, strict=True):
                 p.data.copy_(v)
@@ -270,6 +298,17 @@ def train(cfg: RunConfig, run_id: str, store: Store, run_dir: Path, *, base: Pat
             "spikes": spikes.state_dict(), "eval_next_at": eval_cadence.next_at, "rng": rng_state(),
             "config_hash": cfg.config_hash,
         })
+
+    def check_memory(peak: MemoryPeak, at: tuple[int, int, float]) -> None:
+        """Stop the run (over_budget, with the figure) when its peak memory passed the budget."""
+        nonlocal status, reason
+        if max_mem is None or peak.peak_bytes <= max_mem:
+            return
+        detail = {"peak_mem_bytes": peak.peak_bytes, "peak_mem_kind": peak.kind,
+                  "max_memory_mb": cfg.budget.max_memory_mb}
+        store.log_event(run_id, *at, "over_budget", detail)
+        status, reason = "over_budget", {"reason": "peak memory above budget.max_memory_mb",
+                                         "peak_mem_bytes": peak.peak_bytes}
 
     def flush() -> tuple[float, float]:
         """Write the pending per-step rows plus the interval's speed and memory in one transaction,
@@ -300,21 +339,18 @@ def train(cfg: RunConfig, run_id: str, store: Store, run_dir: Path, *, base: Pat
                             {"loss": mean_loss, "early_loss": early_loss,
                              "factor": dc.divergence_factor})
             status, reason = "diverged", {"reason": "loss above divergence_factor x early loss"}
-        if max_mem is not None and peak.peak_bytes > max_mem:
-            store.log_event(run_id, last[0], last[1], last[2], "over_budget",
-                            {"peak_mem_bytes": peak.peak_bytes,
-                             "max_memory_mb": cfg.budget.max_memory_mb})
-            status, reason = "over_budget", {"peak_mem_bytes": peak.peak_bytes}
+        if status == "completed":
+            check_memory(peak, last[:3])
         pending.clear()
         prev_point = (last[0], last[1], last[2])
         return mean_loss, interval.get("tokens_per_s", 0.0)
 
     prev_point = (step, tokens, train_s)  # where the current log interval started
-    if ckpt is None and step == 0:
-        last_eval = log_eval()
 
     # ---- the loop --------------------------------------------------------------------------------
     try:
+        if ckpt is None and step == 0:
+            last_eval = log_eval()
         while (progress := budget.progress(step, tokens, train_s)) < 1.0 and status == "completed":
             if should_stop is not None and should_stop():
                 status = "interrupted"
@@ -349,20 +385,29 @@ def train(cfg: RunConfig, run_id: str, store: Store, run_dir: Path, *, base: Pat
                 loss += ce.detach() * (n / batch)
                 start += n
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip or math.inf)
+            # The global norm before clipping (what clip_grad_norm_ computes and returns), kept on
+            # the device; clipping, when configured, reuses it after the finiteness check.
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            # With fp16 the scaler skips steps with inf/NaN gradients by design; only the loss counts.
             finite = torch.isfinite(loss) if scaler.is_enabled() else torch.isfinite(loss) & torch.isfinite(grad_norm)
-            if not bool(finite):  # the one per-step host sync (see module docstring)
-                train_s += time.perf_counter() - t0
-                pending.append((step + 1, tokens + batch * seq_len, train_s, loss.item(),
-                                grad_norm.item(), optimizer.param_groups[0]["lr"]))
-                store.log_event(run_id, step + 1, tokens, train_s, "nan",
-                                {"loss": loss.item(), "grad_norm": grad_norm.item(),
+            ok = bool(finite)  # the one per-step host sync (see module docstring)
+            step_s = time.perf_counter() - t0
+            probe_rows = diag.grad_norms() if probing else {}  # untimed; gradients before clipping
+            if not ok:  # record the event first, then stop: no optimizer step applies this update
+                at = (step + 1, tokens + batch * seq_len, train_s + step_s)
+                bad_loss, bad_norm = loss.item(), grad_norm.item()
+                store.log_event(run_id, *at, "nan",
+                                {"loss": bad_loss, "grad_norm": bad_norm,
                                  "note": "stopped before the optimizer step"})
+                train_s = at[2]
+                pending.append((*at, bad_loss, bad_norm, optimizer.param_groups[0]["lr"]))
+                if probe_rows:  # where the non-finite gradient sits, block by block
+                    store.log_metrics(run_id, *at, probe_rows)
                 status, reason = "diverged", {"reason": "non-finite loss or gradient norm"}
                 break
-            step_s = time.perf_counter() - t0
-            probe_rows = diag.grad_norms() if probing else {}
             t1 = time.perf_counter()
+            if tc.grad_clip:
+                torch.nn.utils.clip_grads_with_norm_(params, tc.grad_clip, grad_norm)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -396,11 +441,20 @@ def train(cfg: RunConfig, run_id: str, store: Store, run_dir: Path, *, base: Pat
             if step % cfg.eval.checkpoint_every_steps == 0 and not at_end:
                 checkpoint()
     except (torch.OutOfMemoryError, MemoryError) as e:
-        store.log_event(run_id, step, tokens, train_s, "oom", {"error": str(e)[:2000]})
-        status, reason = "over_budget", {"reason": "out of memory"}
-        pending.clear()
+        # Caught like an over-budget run: the sweep goes on. The rows of the steps already taken
+        # (pending) are kept; the step that ran out of memory has none.
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        peak = read_peak(device)
+        store.log_event(run_id, step, tokens, train_s, "oom",
+                        {"error": f"{type(e).__name__}: {e}"[:2000], "peak_mem_bytes": peak.peak_bytes,
+                         "peak_mem_kind": peak.kind, "max_memory_mb": cfg.budget.max_memory_mb})
+        status, reason = "over_budget", {"reason": "out of memory", "peak_mem_bytes": peak.peak_bytes}
 
     # ---- wrap up ----------------------------------------------------------------------------------
+    if status == "completed":  # the final evaluation ran after the last interval's check
+        check_memory(read_peak(device), (step, tokens, train_s))
     if status == "interrupted":
         checkpoint()  # pending rows travel in the checkpoint and are written after the resume
     elif pending:
