@@ -271,7 +271,8 @@ def _metric_values(out: Path) -> dict:
 
 def test_interrupted_sweep_resumes_to_the_uninterrupted_result(tmp_path, articles_data):
     spec = base_spec(articles_data)
-    spec["budget"] = {"tokens": 8 * 32 * 40}
+    spec["budget"] = {"tokens": 8 * 32 * 300}
+    spec["evaluation"].update(every_steps=100, checkpoint_every_steps=20)
     path = write(tmp_path, spec)
     cmd = [sys.executable, "-m", "lmlab.cli", "run", str(path), "--skip-preflight"]
     subprocess.run([*cmd, "--out", str(tmp_path / "ref")], check=True, capture_output=True)
@@ -281,27 +282,28 @@ def test_interrupted_sweep_resumes_to_the_uninterrupted_result(tmp_path, article
     proc = subprocess.Popen([*cmd, "--out", str(out)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + 180
-    while time.time() < deadline:  # wait until the second run is under way
+    while time.time() < deadline:  # wait until the second run (slow-s1) is well under way
         if (out / "lmlab.sqlite").exists():
             with Store.open(out) as store:
-                states = [r["status"] for r in store.runs()]
-                second = store.metrics("fast-s0", ["train_loss"]).get("train_loss", []) \
-                    if store.run("fast-s0") else []
-            if states.count("completed") >= 1 and len(second) >= 15:
+                second = store.metrics("slow-s1", ["train_loss"]).get("train_loss", []) \
+                    if store.run("slow-s1") else []
+            if len(second) >= 20:
                 break
-        time.sleep(0.1)
+        time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
     proc.wait(timeout=120)
     assert proc.returncode != 0
     with Store.open(out) as store:
         states = {r["run_id"]: r["status"] for r in store.runs()}
     assert "interrupted" in states.values() and "pending" in states.values(), states
+    interrupted = [rid for rid, state in states.items() if state == "interrupted"]
 
     done = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     with Store.open(out) as store:
         assert {r["status"] for r in store.runs()} == {"completed"}
-        assert any(e["kind"] == "resume" for e in store.events("fast-s0"))
+        for run_id in interrupted:  # it went on from its checkpoint, not from scratch
+            assert any(e["kind"] == "resume" for e in store.events(run_id))
     assert _metric_values(out) == reference
 
 

@@ -148,7 +148,7 @@ def run_sweep(runs: list[PlannedRun], out_dir: Path, *, base: Path | None = None
                 for proc, _, _ in active.values():  # workers run in their own session
                     if proc.poll() is None:
                         proc.send_signal(signal.SIGINT)
-            time.sleep(0.5)
+            time.sleep(0.2)
             for run_id, (proc, task, slot) in list(active.items()):
                 frac = _run_progress(store, run_id, runs)
                 progress.update(task, completed=int(frac * TICKS), info=_run_info(store, run_id))
