@@ -3,8 +3,11 @@ run (``lmlab run``).
 
 A sweep runs each (arm, seed) in its own process, so a crash, an out-of-memory error or a
 diverged run never takes the others down, and every run starts from a clean allocator and RNG.
-With GPUs, one run per GPU at a time; on CPU, runs go one after another with all cores (measured:
-on 2 cores two concurrent runs are slower in total than two in sequence; see benchmarks/).
+With GPUs, one run per GPU at a time. On CPU, runs go one after another with all cores by
+default. Measured on 2 cores (benchmarks/parallel_cpu.py, the quickstart's 4 runs): two at a time
+with one thread each took 66 s against 81 s in sequence, but then every run's step time and
+tokens/sec depend on what runs beside it, and speed is one of the template's metrics; so
+sequential stays the default and ``--parallel 2`` is there when speed is not the question.
 Progress is read back from the store, which each worker writes once per log interval.
 """
 
