@@ -46,8 +46,6 @@ from lmlab.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, 
 from lmlab.train.diagnostics import Diagnostics, SpikeDetector
 from lmlab.train.memory import MemoryPeak, read_peak, reset_peak
 
-TERMINAL = ("completed", "diverged", "over_budget", "failed")
-
 
 @dataclass
 class LogLine:
