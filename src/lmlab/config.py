@@ -229,8 +229,9 @@ class DiagnosticsConfig(_Config):
                 or self.attention_entropy or self.update_ratio)
 
 
-class RunConfig(_Config):
-    """Everything one training run needs; ``config_hash`` identifies it."""
+class Components(_Config):
+    """What builds a run: the sections an experiment spec freezes (its ``controlled``) and whose
+    fields its arms may vary."""
 
     data: DataConfig = DataConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
@@ -238,6 +239,11 @@ class RunConfig(_Config):
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     train: TrainConfig = TrainConfig()
+
+
+class RunConfig(Components):
+    """Everything one training run needs; ``config_hash`` identifies it."""
+
     budget: BudgetConfig = BudgetConfig(steps=100)
     eval: EvalConfig = EvalConfig()
     diagnostics: DiagnosticsConfig = DiagnosticsConfig()

@@ -11,14 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lmlab.config import (
     BudgetConfig,
-    DataConfig,
+    Components,
     DiagnosticsConfig,
     EvalConfig,
-    ModelConfig,
-    OptimizerConfig,
-    ScheduleConfig,
-    TokenizerConfig,
-    TrainConfig,
 )
 
 Category = Literal["hyperparam", "optimizer", "memory", "architecture", "recipe"]
@@ -92,15 +87,10 @@ class Hypothesis(_Section):
     checks: list[Check] = []
 
 
-class Controlled(_Section):
-    """Section 3: everything frozen across arms. Sections are RunConfig's."""
+class Controlled(Components):
+    """Section 3: everything frozen across arms: the RunConfig's component sections, plus the
+    hardware expectation and the seed policy."""
 
-    data: DataConfig = DataConfig()
-    tokenizer: TokenizerConfig = TokenizerConfig()
-    model: ModelConfig = ModelConfig()
-    optimizer: OptimizerConfig = OptimizerConfig()
-    schedule: ScheduleConfig = ScheduleConfig()
-    train: TrainConfig = TrainConfig()
     # The hardware the runs are meant for: "cpu", "cuda", a GPU name fragment ("H100"), or "any".
     hardware: str = "any"
     # Every arm runs every seed in meta.seeds; a seed fixes init, data order and dropout.
