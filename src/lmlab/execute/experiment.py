@@ -77,7 +77,9 @@ def open_experiment(plan: Plan, out_dir: Path, *, force_new: bool = False) -> Pa
         estimates = {r["run_id"]: r.get("estimate_s") for r in previous.get("runs", [])}
         for r in record["runs"]:
             r["estimate_s"] = estimates.get(r["run_id"])
-        record["estimate_total_s"] = previous.get("estimate_total_s")
+        # A grown experiment (more seeds or arms) is estimated again as a whole.
+        known = all(r["estimate_s"] is not None for r in record["runs"])
+        record["estimate_total_s"] = previous.get("estimate_total_s") if known else None
         store.put_result("experiment/plan", record)
         for r in plan.runs:
             store.add_run(r.run_id, r.arm, r.seed, r.config.to_json(), r.config.config_hash)
@@ -146,8 +148,10 @@ def run_experiment(plan: Plan, out_dir: Path, *, skip_preflight: bool = False,
     if planned.get("estimate_total_s") is None:
         estimate(plan, out_dir, data)
     preflight = have_preflight
+    covered = {arm for c in (have_preflight or {}).get("configs", []) for arm in c["arms"]}
     if plan.spec.preflight.enabled and not skip_preflight and (
-            have_preflight is None or not have_preflight.get("passed")):
+            have_preflight is None or not have_preflight.get("passed")
+            or not set(plan.arms) <= covered):  # new arms bring configurations not yet checked
         preflight = run_preflight(plan, out_dir, data)
         if not preflight["passed"]:
             failed = [f"{', '.join(c['arms'])} (final loss {c['final_loss']:.3g} vs threshold "
