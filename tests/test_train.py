@@ -203,3 +203,19 @@ def test_cli_user_errors_exit_2_with_file_line_field(tmp_path):
     unknown = subprocess.run([sys.executable, "-m", "lmlab.cli", "train", "--bogus"],
                              capture_output=True, text=True)
     assert unknown.returncode == 2
+
+
+def test_a_different_config_never_resumes_another_runs_checkpoint(tmp_path, articles_data):
+    cfg = tiny_config(articles_data, budget={"steps": 5})
+    config = _write_config(tmp_path / "same.yaml", cfg)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "lmlab.cli", "train", str(config), "--out", str(out)]
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    with Store.open(out) as s:
+        before = s.metrics("same-seed0", ["train_loss"])["train_loss"]
+    changed = tiny_config(articles_data, budget={"steps": 5}, optimizer={"lr": 1e-2})
+    _write_config(config, changed)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 2 and "different config" in done.stderr, done.stderr
+    with Store.open(out) as s:  # the first run's results are untouched
+        assert s.metrics("same-seed0", ["train_loss"])["train_loss"] == before

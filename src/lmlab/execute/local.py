@@ -34,6 +34,7 @@ from rich.progress import (
 )
 
 from lmlab.config import RunConfig
+from lmlab.errors import UserError
 from lmlab.spec.expand import PlannedRun
 from lmlab.store import Store
 from lmlab.train.loop import LogLine, RunResult, train
@@ -81,6 +82,10 @@ def run_single(cfg: RunConfig, out_dir: Path, run_id: str, *, base: Path | None 
     """Train one configuration in this process, with a progress bar."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with Store.open(out_dir) as store, stop_on_signals() as stop, _progress() as progress:
+        existing = store.run(run_id)
+        if existing is not None and existing["config_hash"] != cfg.config_hash:
+            raise UserError(f"{out_dir} already holds run {run_id} of a different config: its "
+                            "results stay; train this one with another --out")
         store.add_run(run_id, arm, cfg.train.seed, cfg.to_json(), cfg.config_hash)
         task = progress.add_task(run_id, total=TICKS, info="")
 

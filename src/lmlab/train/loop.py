@@ -232,6 +232,10 @@ def train(cfg: RunConfig, run_id: str, store: Store, run_dir: Path, *, base: Pat
     early_loss: float | None = None
     pending: list[tuple[int, int, float, float, float, float]] = []  # step, tokens, s, loss, gnorm, lr
     ckpt = load_checkpoint(run_dir)
+    if ckpt is not None and ckpt["config_hash"] != cfg.config_hash:
+        raise UserError(f"{run_dir} holds a checkpoint of a different config "
+                        f"({ckpt['config_hash']}, not {cfg.config_hash}); it is kept: use another "
+                        "output directory")
     if ckpt is not None:
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
