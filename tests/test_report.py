@@ -624,3 +624,23 @@ def test_curves_aggregate_seeds_point_by_point(full_report: tuple[Path, Any]) ->
     # Wall-clock x differs per arm (different speeds) but the seeds of one arm share it.
     by_time = arm_curves(exp, "train_loss", "wall_s")
     assert by_time["lr1e-3"].x[-1] == pytest.approx(60 * 2048 / 21_000)
+
+
+def test_exploding_seed_makes_the_arms_max_grad_norm_infinite() -> None:
+    from lmlab.analysis.summary import Experiment, RunRecord, run_metrics
+    from lmlab.report.content import sig
+    from lmlab.store import MetricRow
+
+    runs = []
+    for seed, grads in ((0, [1.0, 2.0]), (1, [1.0, math.inf]), (2, [3.0, math.nan])):
+        run = RunRecord(f"a-s{seed}", "a", seed, "completed", {}, {}, {}, None,
+                        {"grad_norm": [MetricRow(i, i, float(i), g) for i, g in enumerate(grads)]},
+                        [])
+        run.metrics = run_metrics(run)
+        runs.append(run)
+    exp = Experiment(Path("."), "x", None, None, None, None, None, runs, ["a"], "a",
+                     "equal_tokens", [])
+    s = summarize_arms(exp)["a"].stats["max_grad_norm"]
+    # A NaN gradient norm counts as the largest one (inf), like an inf: no seed drops out.
+    assert s.n == 3 and s.mean == math.inf
+    assert sig(s.mean, 3) == "∞"

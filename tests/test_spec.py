@@ -120,6 +120,10 @@ def test_zip_and_derived_errors(tmp_path, articles_data):
     spec["independent"] = {"grid": {"train.batch_size": [8, 16]},
                            "derived": {"optimizer.lr": "1e-3 * train.batchsize"}}
     assert "unknown variable" in refused(tmp_path, spec).message
+    spec["independent"] = {"grid": {"train.batch_size": [8, 16]},
+                           "derived": {"train.grad_accum": "optimizer.lr * 3000"}}
+    err = refused(tmp_path, spec)  # a derived value that breaks the config: file:line, not a crash
+    assert err.field == "independent.derived.train.grad_accum" and "got 3" in err.message
     spec["independent"] = {"grid": {"budget.tokens": [8, 16]}}
     assert "cannot be an independent variable" in refused(tmp_path, spec).message
     spec["independent"] = {"grid": {"train.seed": [1, 2]}}

@@ -210,8 +210,8 @@ def run(
     skip_preflight: Annotated[bool, typer.Option("--skip-preflight")] = False,
     force_new: Annotated[bool, typer.Option("--force-new", help="the spec changed: move the "
                                             "old results aside and start a new experiment")] = False,
-    parallel: Annotated[int | None, typer.Option(help="concurrent runs (default: one per GPU, "
-                                                 "or one on CPU)")] = None,
+    parallel: Annotated[int | None, typer.Option(min=1, help="concurrent runs (default: one "
+                                                 "per GPU, or one on CPU)")] = None,
     fallback_corpus: Annotated[Path | None, typer.Option(
         "--fallback-corpus", help="if WikiText-2 cannot be found or downloaded, train on this "
         "local corpus folder instead (recorded and reported under its own name)")] = None,

@@ -248,6 +248,13 @@ class RunConfig(Components):
     eval: EvalConfig = EvalConfig()
     diagnostics: DiagnosticsConfig = DiagnosticsConfig()
 
+    @model_validator(mode="after")
+    def _positions_cover_seq_len(self) -> RunConfig:
+        if self.model.max_seq_len is not None and self.model.max_seq_len < self.train.seq_len:
+            raise ValueError(f"model.max_seq_len={self.model.max_seq_len} is shorter than "
+                             f"train.seq_len={self.train.seq_len}")
+        return self
+
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import csv
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,7 +73,10 @@ class RunRecord:
     def included(self, metric: str) -> bool:
         """Whether this run's value of ``metric`` belongs in its arm's statistics."""
         value = self.metrics.get(metric)
-        if value is None or not math.isfinite(value):
+        if value is None or math.isnan(value):
+            return False
+        # An exploding gradient is the largest norm there is: keep it, so the arm's max is inf.
+        if not math.isfinite(value) and not (metric == "max_grad_norm" and value > 0):
             return False
         if self.status == "completed":
             return True
@@ -131,7 +134,6 @@ class ArmSummary:
     stats: dict[str, Summary]  # metric -> summary over the included seeds
     values: dict[str, list[tuple[int, float]]]  # metric -> [(seed, value)] that were included
     status_counts: dict[str, int]
-    flags: list[str]  # why some seeds are missing from some metrics
 
     def seeds_values(self, metric: str) -> list[float]:
         return [v for _, v in self.values.get(metric, [])]
@@ -139,8 +141,8 @@ class ArmSummary:
 
 @dataclass
 class Curve:
-    """One arm's curve of one metric over seeds: ``mean``, ``low``/``high`` (min and max over
-    seeds, the honest band at 2-5 seeds) and ``std`` at each ``x``; ``n`` seeds cover each x."""
+    """One arm's curve of one metric over seeds: ``mean`` and ``low``/``high`` (min and max over
+    seeds, the honest band at 2-5 seeds) at each ``x``."""
 
     arm: str
     metric: str
@@ -149,8 +151,6 @@ class Curve:
     mean: np.ndarray
     low: np.ndarray
     high: np.ndarray
-    std: np.ndarray
-    n: np.ndarray
     n_seeds: int
 
 
@@ -265,25 +265,12 @@ def summarize_arms(exp: Experiment) -> dict[str, ArmSummary]:
             kept = [(r.seed, float(r.metrics[metric])) for r in runs  # type: ignore[arg-type]
                     if r.included(metric)]
             values[metric] = kept
-            stats[metric] = summarize([v for _, v in kept])
+            # An infinite max_grad_norm makes the mean inf and the spread undefined (NaN).
+            with np.errstate(invalid="ignore"):
+                stats[metric] = summarize([v for _, v in kept])
         counts = Counter(r.status for r in runs)
-        flags = []
-        diverged = [r for r in runs if r.status == "diverged"]
-        if diverged:
-            flags.append(f"{_seed_list(diverged)} diverged: left out of final-loss metrics, "
-                         f"kept in event counts, gradient norms, speed and memory")
-        others = [r for r in runs if r.status not in ("completed", "diverged")]
-        if others:
-            flags.append(", ".join(f"seed {r.seed} {r.status}" for r in others)
-                         + ": left out of the statistics")
-        out[arm] = ArmSummary(arm, runs, stats, values,
-                              {s: counts.get(s, 0) for s in STATUSES}, flags)
+        out[arm] = ArmSummary(arm, runs, stats, values, {s: counts.get(s, 0) for s in STATUSES})
     return out
-
-
-def _seed_list(runs: Iterable[RunRecord]) -> str:
-    seeds = [str(r.seed) for r in runs]
-    return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(seeds)
 
 
 def write_summary_csv(arms: Mapping[str, ArmSummary], path: Path) -> Path:
@@ -383,10 +370,7 @@ def _aggregate(arm: str, metric: str, x_key: str, series: list[tuple[np.ndarray,
         mean = _nan_reduce(np.nanmean, masked, count)
         low = _nan_reduce(np.nanmin, masked, count)
         high = _nan_reduce(np.nanmax, masked, count)
-        # ddof=1 needs two seeds; columns with fewer keep NaN (no spread to show).
-        std = _nan_reduce(lambda a, axis: np.nanstd(a, axis=axis, ddof=1), masked,
-                          np.where(count >= 2, count, 0))
-    return Curve(arm, metric, x_key, grid, mean, low, high, std, count, len(series))
+    return Curve(arm, metric, x_key, grid, mean, low, high, len(series))
 
 
 def _nan_reduce(fn: Any, stack: np.ndarray, count: np.ndarray) -> np.ndarray:

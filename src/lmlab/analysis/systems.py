@@ -267,8 +267,6 @@ def compare_curves(ref: Mapping[int, float], other: Mapping[int, float],
         "mean_abs_diff": float(np.mean(finite)) if finite else None,
         "non_finite_steps": len(diffs) - len(finite),
         "first_step_over_tolerance": over[0] if over else None,
-        "first_step_not_identical": next((s for s, d in zip(steps, diffs, strict=True)
-                                          if d != 0), None),
         "missing_steps": len(set(ref) ^ set(other)),
     }
 
@@ -309,9 +307,6 @@ def _behaviour(ref_runs: list[_Run], runs: list[_Run]) -> dict[str, Any]:
         "mean_abs_diff": float(np.mean(all_diffs_mean)) if all_diffs_mean else None,
         "bit_identical": bool(maxes) and max(maxes) == 0.0 and not firsts,
         "first_step_over_tolerance": min(firsts) if firsts else None,
-        "first_step_not_identical": min((c["first_step_not_identical"] for c in comps
-                                         if c["first_step_not_identical"] is not None),
-                                        default=None),
         "status_mismatch_seeds": stopped,
         "per_seed": {str(k): v for k, v in per_seed.items()},
         "statuses": sorted(statuses),
@@ -456,10 +451,9 @@ def _behaviour_line(arm: str, ref: str, b: Mapping[str, Any]) -> str:
             + f" ({stats}, tolerance {tol:g})")
 
 
-def systems_addendum(store: Store, *, reference: str | None = None,
-                     save: bool = True) -> dict[str, Any]:
-    """Compute the addendum from every run in ``store`` and (``save``) store it under
-    ``systems/addendum``. ``reference`` defaults to the plan's reference arm, else the first."""
+def systems_addendum(store: Store) -> dict[str, Any]:
+    """Compute the addendum from every run in ``store`` and store it under ``systems/addendum``.
+    The reference arm is the plan's, else the first arm."""
     rows = store.runs()
     if not rows:
         raise UserError("no runs in this experiment yet: nothing to compare", file=str(store.path))
@@ -469,7 +463,7 @@ def systems_addendum(store: Store, *, reference: str | None = None,
         if r.arm not in arms:
             arms.append(r.arm)
     plan = store.get_result("experiment/plan") or {}
-    reference = reference or plan.get("reference") or arms[0]
+    reference = plan.get("reference") or arms[0]
     if reference not in arms:
         raise UserError(f"reference arm '{reference}' has no runs (arms: {', '.join(arms)})",
                         file=str(store.path))
@@ -527,17 +521,8 @@ def systems_addendum(store: Store, *, reference: str | None = None,
                        for p, t in KNOB_TOLERANCE.items()},
         "notes": notes,
     }
-    if save:
-        store.put_result(RESULT_KEY, result)
+    store.put_result(RESULT_KEY, result)
     return result
-
-
-def addendum_wanted(spec: Mapping[str, Any] | None) -> bool:
-    """Whether a spec (as stored: ``experiment/spec``'s ``spec``) asks for the addendum."""
-    if not spec:
-        return False
-    flag = spec.get("systems_addendum")
-    return bool(flag) if flag is not None else (spec.get("meta") or {}).get("category") == "memory"
 
 
 # ---- printing -----------------------------------------------------------------------------------

@@ -42,7 +42,6 @@ from lmlab.analysis.summary import COUNT_METRICS, ArmSummary, Experiment, same_c
 from lmlab.spec.schema import Check
 
 Outcome = Literal["supported", "refuted", "inconclusive"]
-DIRECTIONAL = ("<", "<=", ">", ">=")
 ALPHA = 0.05
 POWER = 0.8
 
@@ -216,6 +215,8 @@ _SPREAD_UNKNOWN = ("spread unknown with fewer than 2 seeds: run at least 3 seeds
 
 
 def _against_value(check: Check, a: list[float]) -> CheckResult:
+    if check.op == "equivalent":  # rejected by the schema; kept total for direct callers
+        return _no_data(check, "'equivalent' compares two arms")
     value = float(check.value)  # type: ignore[arg-type]
     if not a:
         return _no_data(check, f"no seed of {check.arm} has a defined {check.metric}")
@@ -229,8 +230,6 @@ def _against_value(check: Check, a: list[float]) -> CheckResult:
                      reason=f"{sum(ok)} of {len(a)} seeds have {check.metric} {claim} "
                             f"(the claim is about every seed)",
                      test="per-seed check (exact per run, no test needed)")
-    if check.op == "equivalent":  # rejected by the schema; kept total for direct callers
-        return _no_data(check, "'equivalent' compares two arms")
     s = summarize(a)
     if s.n < 2:
         return _base(check, a, None, value, verdict="inconclusive",

@@ -15,6 +15,7 @@ A ``local`` corpus is a user's own folder of text files: hashed for provenance, 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import shutil
 import tempfile
@@ -239,13 +240,16 @@ def hub_download(repo_id: str, filename: str, *, repo_type: str | None, cache: P
     from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    try:  # huggingface_hub 1.x+ speaks httpx2; older versions used requests (errors are OSErrors)
-        import httpx2
-
-        unreachable: tuple[type[Exception], ...] = (httpx2.TransportError,)
-        failed: tuple[type[Exception], ...] = (httpx2.HTTPError,)
-    except ImportError:
-        unreachable = failed = ()
+    # huggingface_hub 2.x speaks httpx2, 1.x httpx; older versions used requests (OSErrors).
+    unreachable: tuple[type[Exception], ...] = ()
+    failed: tuple[type[Exception], ...] = ()
+    for name in ("httpx2", "httpx"):
+        try:
+            client = importlib.import_module(name)
+        except ImportError:
+            continue
+        unreachable += (client.TransportError,)
+        failed += (client.HTTPError,)
 
     # Read here, not at import: huggingface_hub fixes its endpoint when it is first imported.
     endpoint = os.environ.get("HF_ENDPOINT") or None

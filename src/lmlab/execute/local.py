@@ -86,6 +86,8 @@ def run_single(cfg: RunConfig, out_dir: Path, run_id: str, *, base: Path | None 
         if existing is not None and existing["config_hash"] != cfg.config_hash:
             raise UserError(f"{out_dir} already holds run {run_id} of a different config: its "
                             "results stay; train this one with another --out")
+        if existing is not None and existing["status"] == "completed":  # nothing left to do
+            return RunResult(run_id, "completed", existing.get("summary") or {})
         store.add_run(run_id, arm, cfg.train.seed, cfg.to_json(), cfg.config_hash)
         task = progress.add_task(run_id, total=TICKS, info="")
 
@@ -145,8 +147,12 @@ def run_sweep(runs: list[PlannedRun], out_dir: Path, *, base: Path | None = None
                 cmd = [sys.executable, "-m", "lmlab.execute.worker", str(out_dir), run.run_id]
                 if base is not None:
                     cmd += ["--base", str(base)]
-                proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True,
-                                        start_new_session=True)
+                # stderr to a file, never a pipe: a chatty worker (compile logs) would block
+                # on a full pipe that is only read when it exits.
+                log = out_dir / "runs" / run.run_id / "worker.log"
+                log.parent.mkdir(parents=True, exist_ok=True)
+                with open(log, "ab") as stderr:
+                    proc = subprocess.Popen(cmd, env=env, stderr=stderr, start_new_session=True)
                 task = progress.add_task(run.run_id, total=TICKS, info="starting")
                 active[run.run_id] = (proc, task, slot)
             if stop.is_set() and not queue and not active:
@@ -162,7 +168,7 @@ def run_sweep(runs: list[PlannedRun], out_dir: Path, *, base: Path | None = None
                 progress.update(task, completed=int(frac * TICKS), info=_run_info(store, run_id))
                 if proc.poll() is None:
                     continue
-                stderr = proc.stderr.read() if proc.stderr else ""
+                stderr = (out_dir / "runs" / run_id / "worker.log").read_text(errors="replace")
                 row = store.run(run_id) or {}
                 state = row.get("status", "failed")
                 if proc.returncode != 0 and state in ("running", "pending"):

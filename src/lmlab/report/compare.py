@@ -102,9 +102,9 @@ def _notes(a: Experiment, b: Experiment) -> tuple[list[str], bool]:
         notes.append(f"Peak memory is measured differently ({mem_a} vs {mem_b}).")
     else:
         notes.append(f"Peak memory column: {mem_a}.")
-    caps = {e.name: {(r.config.get("eval") or {}).get("max_batches") for r in e.runs}
-            for e in (a, b)}
-    if len({frozenset(c) for c in caps.values()}) > 1:
+    caps = [frozenset((r.config.get("eval") or {}).get("max_batches") for r in e.runs)
+            for e in (a, b)]
+    if caps[0] != caps[1]:
         notes.append("The validation protocols differ (eval.max_batches): validation numbers "
                      "are over different amounts of text.")
     if not a.runs or not b.runs:

@@ -29,6 +29,7 @@ from lmlab.analysis.summary import (
 from lmlab.analysis.verdict import CheckResult, HypothesisVerdict, describe_check
 from lmlab.config import flatten
 from lmlab.report.plots import Figure
+from lmlab.spec.expand import addendum_requested
 from lmlab.spec.schema import METRICS
 from lmlab.store import hardware_summary
 
@@ -209,8 +210,6 @@ class ReportContent:
             "followups": self.followups(),
             "preflight": self.preflight(),
             "addendum": self.addendum(),
-            "figures": self.figures,
-            "memory_label": self.mem_label,
             "no_spec": self.spec is None,
         }
 
@@ -875,19 +874,21 @@ class ReportContent:
 
     def _instability(self) -> list[str]:
         out = []
+        all_stable = True
         for arm, a in self.arms.items():
             ev = Counter(e["kind"] for r in a.runs for e in r.events)
             bad = {k: ev[k] for k in ("nan", "divergence", "spike", "oom") if ev.get(k)}
             g = a.stats["max_grad_norm"]
             grad = f"largest gradient norm {sig(g.mean, 3)} (mean over seeds)" if g.n else ""
             if bad:
+                all_stable = False
                 out.append(f"{arm}: " + ", ".join(f"{n} {k}" for k, n in bad.items())
                            + (f"; {grad}" if grad else "") + ".")
             elif grad:
                 out.append(f"{arm}: stable (no NaN, divergence or spike events); {grad}.")
         if not out:
             return ["No data yet."]
-        if not any("stable" not in line for line in out):
+        if all_stable:
             out.insert(0, "No: every arm trained without NaN, divergence or spike events.")
         else:
             out.insert(0, "Yes — see the arms below and the markers on the loss curves.")
@@ -1007,7 +1008,7 @@ class ReportContent:
         best = self._best_arm()
         variables = set(self.exp.variables)
         if best is None:
-            return {"best": None, "items": [], "provisional": True,
+            return {"items": [], "provisional": True,
                     "notes": [f"No arm has a defined {self.primary} yet: nothing to adopt."]}
         run = self.arms[best].runs[0]
         flat = flatten(run.config)
@@ -1041,12 +1042,12 @@ class ReportContent:
                 f"{p} = {fmt_value(flat.get(p))}" for p in rest)))
         provisional = self.verdict.overall != "supported"
         notes = [f"Best arm by {self.primary} ({self.direction} is better): {best}, "
-                 f"{metric_pm(self.arms[best], self.primary) if self.primary in SUMMARY_FORMAT else mean_pm(self.arms[best].stats[self.primary], 4)}."]
+                 f"{metric_pm(self.arms[best], self.primary)}."]
         notes += self._runner_up(best)
         if provisional:
             notes.append(f"PROVISIONAL: the hypothesis verdict is {self.verdict.overall}; adopt "
                          "only after the follow-ups below.")
-        return {"best": best, "items": items, "provisional": provisional, "notes": notes}
+        return {"items": items, "provisional": provisional, "notes": notes}
 
     def _runner_up(self, best: str) -> list[str]:
         others = {arm: a.stats[self.primary].mean for arm, a in self.arms.items()
@@ -1230,8 +1231,7 @@ class ReportContent:
 
     def addendum(self) -> dict[str, Any] | None:
         add = self.exp.addendum
-        wanted = self.spec is not None and (self.spec.systems_addendum or (
-            self.spec.systems_addendum is None and self.spec.meta.category == "memory"))
+        wanted = self.spec is not None and addendum_requested(self.spec)
         if add is None:
             if not wanted:
                 return None

@@ -135,9 +135,12 @@ def _event_markers(ax: Axes, exp: Experiment, x_key: str, colors: Mapping[str, A
             y = event["detail"].get("loss")
             if y is None or not math.isfinite(float(y)):
                 # A NaN loss has no height: put the marker on the arm's curve (or the top).
+                # Interpolate over the finite cells only: a NaN cell would make y NaN.
                 curve = curves.get(run.arm)
-                y = (float(np.interp(x, curve.x, curve.mean)) if curve is not None
-                     and np.isfinite(curve.mean).any() else ax.get_ylim()[1])
+                ok = np.isfinite(curve.mean) if curve is not None else None
+                y = (float(np.interp(x, curve.x[ok], curve.mean[ok]))
+                     if curve is not None and ok is not None and ok.any()
+                     else ax.get_ylim()[1])
             # A blow-up is far above the focused y-range: pin its marker to the top edge.
             lo, hi = ax.get_ylim()
             y = min(max(float(y), lo), hi)

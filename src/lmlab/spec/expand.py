@@ -215,16 +215,20 @@ def expand(spec: Spec, doc: YamlDoc) -> Plan:
                 f"arm {name}: model.sdpa_backend 'flash' has no fp32 kernel (FlashAttention "
                 "runs fp16/bf16): use train.precision bf16 or fp16, or sdpa_backend efficient, "
                 "math or auto")
-        for path, value in values.items():
-            try:
-                RunConfig.model_validate({**tree, "budget": {"steps": 1}})
-            except ValidationError as e:
-                err = e.errors()[0]
-                loc = ".".join(str(p) for p in err["loc"])
-                field_ = f"{where}.{path}" if loc.startswith(path) or path.startswith(loc) else \
-                    f"{where}.{path}" if loc in values else f"{where}"
-                raise doc.error(field_, f"arm {name}: {loc}: {err['msg'].removeprefix('Value error, ')}"
-                                f" (got {value!r})") from None
+        try:  # once per arm, derived values included
+            RunConfig.model_validate({**tree, "budget": {"steps": 1}})
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"])
+            # Blame the exact field; for a section-level error, a derived value first (it is the
+            # one computed, not written), then the arm's own values.
+            written = {p: f"independent.derived.{p}" for p in ind.derived} | \
+                {p: f"{where}.{p}" for p in values}
+            path = loc if loc in written else \
+                next((p for p in written if loc.startswith(p) or p.startswith(loc)), None)
+            got = f" (got {arm_values[name][path]!r})" if path else ""
+            raise doc.error(written.get(path, where), f"arm {name}: {loc}: "
+                            f"{err['msg'].removeprefix('Value error, ')}{got}") from None
 
     # ---- the controls: only declared variables may differ -------------------------------------
     flat = {name: flatten(tree) for name, tree in arm_trees.items()}
@@ -236,7 +240,7 @@ def expand(spec: Spec, doc: YamlDoc) -> Plan:
             culprit = next(n for n in arm_names if seen[n] != seen[first]) if len(arm_names) > 1 else first
             where = next(w for n, _, w in design if n == culprit)
             raise doc.error(
-                f"{where}" if where.endswith(culprit) else where,
+                where,
                 f"'{path}' differs between arms ({listing}) but is not declared independent: "
                 "add it to independent.variables (coupled variables are declared together) or "
                 "keep it frozen")

@@ -220,6 +220,8 @@ def train(cfg: RunConfig, run_id: str, store: Store, run_dir: Path, *, base: Pat
     ema = [p.detach().clone() for p in params] if tc.ema_decay else None
 
     batcher = TrainBatcher(data.splits["train"], tc.seed, tc.seq_len)
+    if len(data.splits["valid"]) < 2:
+        raise UserError(f"the validation split of {data.corpus.name} is empty", field="data")
     probe_x = next(iter_eval_batches(data.splits["valid"], tc.seq_len, 4, 1))[0].to(device)
     diag = Diagnostics(dc, raw_model, probe_x)
     spikes = SpikeDetector.from_config(dc)
@@ -231,6 +233,7 @@ def train(cfg: RunConfig, run_id: str, store: Store, run_dir: Path, *, base: Pat
     train_s = 0.0
     early_loss: float | None = None
     pending: list[tuple[int, int, float, float, float, float]] = []  # step, tokens, s, loss, gnorm, lr
+    earlier_peak, earlier_wall = 0, 0.0
     ckpt = load_checkpoint(run_dir)
     if ckpt is not None and ckpt["config_hash"] != cfg.config_hash:
         raise UserError(f"{run_dir} holds a checkpoint of a different config "
@@ -249,6 +252,8 @@ def train(cfg: RunConfig, run_id: str, store: Store, run_dir: Path, *, base: Pat
         spikes.load_state_dict(ckpt["spikes"])
         eval_cadence.next_at = ckpt["eval_next_at"]
         set_rng_state(ckpt["rng"])
+        # Segments before the resume count too: the run's peak and wall-clock are over all of it.
+        earlier_peak, earlier_wall = ckpt.get("peak_mem_bytes", 0), ckpt.get("wall_s", 0.0)
     # Rows written after the checkpoint (a killed run) are dropped: the resumed run rewrites them.
     store.truncate_after(run_id, step if ckpt is not None else -1)
     if ckpt is not None:
@@ -299,6 +304,8 @@ def train(cfg: RunConfig, run_id: str, store: Store, run_dir: Path, *, base: Pat
             "tokens": tokens, "train_s": train_s, "early_loss": early_loss, "pending": pending,
             "spikes": spikes.state_dict(), "eval_next_at": eval_cadence.next_at, "rng": rng_state(),
             "config_hash": cfg.config_hash,
+            "peak_mem_bytes": max(earlier_peak, read_peak(device).peak_bytes),
+            "wall_s": earlier_wall + time.perf_counter() - wall_start,
         })
 
     def check_memory(peak: MemoryPeak, at: tuple[int, int, float]) -> None:
@@ -467,8 +474,8 @@ def train(cfg: RunConfig, run_id: str, store: Store, run_dir: Path, *, base: Pat
         return RunResult(run_id, "interrupted", {})
     if status == "completed":
         checkpoint()  # the final state: a rerun of a completed run has nothing left to do
-    summary = _summary(store, run_id, cfg, raw_model, optimizer, step, tokens, train_s,
-                       time.perf_counter() - wall_start, device)
+    summary = _summary(store, run_id, raw_model, optimizer, step, tokens, train_s,
+                       earlier_wall + time.perf_counter() - wall_start, device, earlier_peak)
     if cfg.eval.test_at_end and status == "completed":
         test = log_eval("test", full=True)
         summary.update({f"test_{k}": v for k, v in test.items() if k != "tokens"})
@@ -498,14 +505,14 @@ def _interval_speed(prev: tuple[int, int, float], last: tuple) -> dict[str, floa
     return {"step_time_s": seconds / steps, "tokens_per_s": (last[1] - prev[1]) / seconds}
 
 
-def _summary(store: Store, run_id: str, cfg: RunConfig, model: torch.nn.Module,
+def _summary(store: Store, run_id: str, model: torch.nn.Module,
              optimizer: torch.optim.Optimizer, step: int, tokens: int, train_s: float,
-             wall_s: float, device: torch.device) -> dict[str, Any]:
+             wall_s: float, device: torch.device, earlier_peak: int) -> dict[str, Any]:
     peak = read_peak(device)
     out: dict[str, Any] = {
         "steps": step, "tokens": tokens, "train_s": train_s, "wall_s": wall_s,
         "tokens_per_s": tokens / train_s if train_s > 0 else None,
-        "peak_mem_bytes": peak.peak_bytes, "peak_mem_kind": peak.kind,
+        "peak_mem_bytes": max(peak.peak_bytes, earlier_peak), "peak_mem_kind": peak.kind,
         "peak_mem_reserved_bytes": peak.reserved_bytes,
         "n_params": sum(p.numel() for p in model.parameters()),
         "optimizer_state_bytes": optimizer_state_bytes(optimizer),

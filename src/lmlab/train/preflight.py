@@ -18,6 +18,7 @@ import torch
 
 from lmlab.config import RunConfig
 from lmlab.data.tokenize import DataBundle
+from lmlab.errors import UserError
 from lmlab.model.wrap import apply_activation_checkpointing
 from lmlab.optim import build_optimizer
 from lmlab.train.loop import autocast_context, build_run_model, loss_terms, resolve_device
@@ -78,6 +79,9 @@ def overfit(cfg: RunConfig, data: DataBundle, *, sequences: int, batch_size: int
 
     train = data.splits["train"]
     need = sequences * tc.seq_len + 1
+    if len(train) < need:
+        raise UserError(f"the train split has {len(train)} tokens, fewer than the preflight's "
+                        f"slice of {sequences} x {tc.seq_len} + 1", field="preflight.sequences")
     window = torch.from_numpy(train[:need].astype("int64"))
     xs = window[:-1].view(sequences, tc.seq_len)
     ys = window[1:].view(sequences, tc.seq_len)
