@@ -1,10 +1,14 @@
 """Expected wall-clock per run (template section 5, "Expected wall-clock"), measured, not guessed.
 
 For each distinct shape among the planned runs, a short real run of the training loop (same
-model, optimizer, precision, batch and sequence length; a throwaway store) gives the step time,
-and one full validation pass gives the evaluation time. A run's estimate is
+model, optimizer, precision, batch and sequence length; a throwaway store) gives the step time
+and the set-up time; validation passes (capped and full) and a diagnostics probe are timed on
+their own. A run's estimate is
 
-    start-up + steps x step time + evaluations x eval time + probes x probe time + test eval
+    set-up + steps x step + periodic evals x eval + final eval + probes x probe + test
+
+The step time and the set-up (everything a worker process does besides steps and evaluations)
+come from that short run, made in a worker process exactly as ``lmlab run`` makes runs.
 
 where the counts follow the run's budget and cadences. ``benchmarks/plan_estimate.py`` checks the
 estimate against real runs.
@@ -23,10 +27,12 @@ from pathlib import Path
 import torch
 
 from lmlab.config import RunConfig
+from lmlab.data.batches import iter_eval_batches
 from lmlab.data.tokenize import DataBundle
 from lmlab.spec.expand import Plan, PlannedRun
 from lmlab.store import Store
-from lmlab.train.loop import evaluate, resolve_device, train
+from lmlab.train.diagnostics import Diagnostics
+from lmlab.train.loop import build_run_model, evaluate, resolve_device
 
 PROBE_STEPS = 12  # timed steps per shape; the first few are warm-up and are dropped
 WARMUP_STEPS = 4
@@ -34,10 +40,11 @@ WARMUP_STEPS = 4
 
 @dataclass(frozen=True)
 class ShapeTiming:
-    step_s: float
-    eval_s: float
-    probe_s: float
-    startup_s: float
+    setup_s: float  # a worker's fixed cost: interpreter, imports, data, model, store, checkpoint
+    step_s: float  # one optimizer step (median, after warm-up)
+    eval_s: float  # one periodic validation pass (capped by eval.max_batches when set)
+    final_eval_s: float  # one full validation pass (the final one, always full)
+    probe_s: float  # one diagnostics probe
 
 
 def _shape_key(cfg: RunConfig) -> str:
@@ -51,56 +58,67 @@ def _shape_key(cfg: RunConfig) -> str:
     return repr(sorted(tree.items()))
 
 
-def _startup_seconds() -> float:
-    """A worker process's fixed cost: interpreter, imports (torch), before data is loaded."""
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import lmlab.train.loop"], check=True,
-                   capture_output=True)
-    return time.perf_counter() - t0
-
-
-def time_shape(cfg: RunConfig, data: DataBundle, startup_s: float) -> ShapeTiming:
+def time_shape(cfg: RunConfig, data: DataBundle, base: Path | None = None) -> ShapeTiming:
+    # A short real run without diagnostics: its time is set-up, steps, the step-0 evaluation and
+    # the final (full) one, each of which is also timed on its own below.
     tree = cfg.model_dump(mode="json")
     tree["budget"] = {"steps": PROBE_STEPS}
     tree["eval"].update(every_steps=10**9, every_tokens=None, every_seconds=None,
                         log_every_steps=1, checkpoint_every_steps=10**9, test_at_end=False)
-    tree["diagnostics"]["every_steps"] = PROBE_STEPS - 2  # one probe, timed below
+    tree["diagnostics"].update(layer_grad_norms=False, norm_grad_norms=False,
+                               activation_norms=False, attention_entropy=False, update_ratio=False)
     probe_cfg = RunConfig.model_validate(tree)
-    with tempfile.TemporaryDirectory() as tmp, Store.open(Path(tmp)) as store:
-        store.add_run("estimate", "estimate", 0, probe_cfg.to_json(), probe_cfg.config_hash)
+    with tempfile.TemporaryDirectory() as tmp:
+        with Store.open(Path(tmp)) as store:
+            store.add_run("estimate", "estimate", 0, probe_cfg.to_json(), probe_cfg.config_hash)
+        # In a worker process, as `lmlab run` does: the time around the steps and evaluations
+        # (interpreter, imports, data loading, provenance, store, checkpoint) is part of a run.
+        cmd = [sys.executable, "-m", "lmlab.execute.worker", tmp, "estimate"]
+        if base is not None:
+            cmd += ["--base", str(base)]
         t0 = time.perf_counter()
-        train(probe_cfg, "estimate", store, Path(tmp) / "run", data=data)
+        subprocess.run(cmd, check=True, capture_output=True)
         total = time.perf_counter() - t0
-        rows = store.metrics("estimate", ["step_time_s"]).get("step_time_s", [])
+        with Store.open(Path(tmp)) as store:
+            rows = store.metrics("estimate", ["step_time_s"]).get("step_time_s", [])
     times = [r.value for r in rows[WARMUP_STEPS:]] or [r.value for r in rows]
     step_s = statistics.median(times)
-    # The rest of that short run is set-up, two validation passes (start, end) and one probe.
-    device = resolve_device(cfg.train.device)
-    from lmlab.model import build_model
 
-    model = build_model(cfg.model, data.tokenizer.vocab_size, cfg.train.seq_len).to(device)
+    device = resolve_device(cfg.train.device)
+    model = build_run_model(cfg, data.tokenizer.vocab_size).to(device)
+
+    def timed_eval(max_batches: int | None) -> float:
+        t0 = time.perf_counter()
+        evaluate(model, data.splits["valid"], data.stats["valid"], cfg.train.seq_len,
+                 cfg.eval.batch_size, max_batches, device, cfg.train.precision)
+        return time.perf_counter() - t0
+
+    final_eval_s = timed_eval(None)
+    eval_s = timed_eval(cfg.eval.max_batches) if cfg.eval.max_batches else final_eval_s
+    probe_x = next(iter_eval_batches(data.splits["valid"], cfg.train.seq_len, 4, 1))[0].to(device)
     t0 = time.perf_counter()
-    evaluate(model, data.splits["valid"], data.stats["valid"], cfg.train.seq_len,
-             cfg.eval.batch_size, cfg.eval.max_batches, device, cfg.train.precision)
-    eval_s = time.perf_counter() - t0
-    probe_s = max(0.0, (total - step_s * PROBE_STEPS - 2 * eval_s) * 0.2)
-    del model
+    Diagnostics(cfg.diagnostics, model, probe_x).probe()
+    probe_s = time.perf_counter() - t0
+    setup_s = max(0.0, total - step_s * PROBE_STEPS - eval_s - final_eval_s)
+    model.to("cpu")  # give the accelerator back before the next shape is timed
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return ShapeTiming(step_s=step_s, eval_s=eval_s, probe_s=probe_s, startup_s=startup_s)
+    return ShapeTiming(setup_s=setup_s, step_s=step_s, eval_s=eval_s,
+                       final_eval_s=final_eval_s, probe_s=probe_s)
 
 
-def _n_evals(run: PlannedRun, steps: int) -> int:
+def _n_periodic_evals(run: PlannedRun, steps: int) -> int:
+    """Evaluations before the final one: the step-0 pass and those the cadence triggers."""
     e, b = run.config.eval, run.config.budget
     if e.every_steps:
-        n = steps // e.every_steps
+        n = (steps - 1) // e.every_steps
     elif e.every_tokens and b.tokens:
-        n = b.tokens // e.every_tokens
+        n = (b.tokens - 1) // e.every_tokens
     elif e.every_seconds and b.wall_clock_s:
         n = int(b.wall_clock_s // e.every_seconds)
     else:
-        n = 10
-    return n + 2  # the step-0 evaluation and the final one
+        n = 9  # the default: ten evaluations through the run, the last being the final one
+    return n + 1
 
 
 def estimate_run(run: PlannedRun, t: ShapeTiming, test_split_ratio: float) -> float:
@@ -113,20 +131,20 @@ def estimate_run(run: PlannedRun, t: ShapeTiming, test_split_ratio: float) -> fl
         steps = None
     train_s = steps * t.step_s if steps is not None else cfg.budget.wall_clock_s or 0.0
     n_steps = steps if steps is not None else int(train_s / t.step_s)
-    probes = n_steps // cfg.diagnostics.every_steps if cfg.diagnostics.any_probe else 0
-    test_s = t.eval_s * test_split_ratio if cfg.eval.test_at_end else 0.0
-    return t.startup_s + train_s + _n_evals(run, n_steps) * t.eval_s + probes * t.probe_s + test_s
+    probes = -(-n_steps // cfg.diagnostics.every_steps) if cfg.diagnostics.any_probe else 0
+    test_s = t.final_eval_s * test_split_ratio if cfg.eval.test_at_end else 0.0
+    return (t.setup_s + train_s + _n_periodic_evals(run, n_steps) * t.eval_s
+            + t.final_eval_s + probes * t.probe_s + test_s)
 
 
 def estimate_plan(plan: Plan, data: DataBundle) -> dict[str, float]:
     """{run_id: expected seconds}, timing each distinct shape once."""
-    startup = _startup_seconds()
     timings: dict[str, ShapeTiming] = {}
     ratio = len(data.splits["test"]) / max(len(data.splits["valid"]), 1)
     out: dict[str, float] = {}
     for run in plan.runs:
         key = _shape_key(run.config)
         if key not in timings:
-            timings[key] = time_shape(run.config, data, startup)
+            timings[key] = time_shape(run.config, data, plan.base)
         out[run.run_id] = estimate_run(run, timings[key], ratio)
     return out
