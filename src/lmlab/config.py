@@ -186,6 +186,13 @@ class BudgetConfig(_Config):
     max_memory_mb: float | None = Field(None, gt=0, description="peak memory allowed (CUDA "
                                         "allocated, or the process's peak RSS on CPU)")
 
+    def progress(self, step: int, tokens: int, train_s: float) -> float:
+        """The fraction of the run done, on whichever limit binds first (1.0 = over)."""
+        fractions = [done / limit for done, limit in
+                     ((step, self.steps), (tokens, self.tokens), (train_s, self.wall_clock_s))
+                     if limit]
+        return min(max(fractions), 1.0)
+
     @model_validator(mode="after")
     def _some_limit(self) -> BudgetConfig:
         if self.tokens is None and self.steps is None and self.wall_clock_s is None:

@@ -187,17 +187,9 @@ def run_sweep(runs: list[PlannedRun], out_dir: Path, *, base: Path | None = None
 
 
 def _run_progress(store: Store, run_id: str, runs: list[PlannedRun]) -> float:
-    cfg = next(r.config for r in runs if r.run_id == run_id)
+    budget = next(r.config.budget for r in runs if r.run_id == run_id)
     rows = store.metrics(run_id, ["train_loss"]).get("train_loss", [])
-    if not rows:
-        return 0.0
-    step, tokens, wall_s, _ = rows[-1]
-    b = cfg.budget
-    fractions = [x for x in (
-        step / b.steps if b.steps else None,
-        tokens / b.tokens if b.tokens else None,
-        wall_s / b.wall_clock_s if b.wall_clock_s else None) if x is not None]
-    return min(max(fractions), 1.0) if fractions else 0.0
+    return budget.progress(*rows[-1][:3]) if rows else 0.0
 
 
 def _run_info(store: Store, run_id: str) -> str:

@@ -149,24 +149,6 @@ def evaluate(model: torch.nn.Module, tokens: Any, stats: SplitStats, seq_len: in
     }
 
 
-class _Budget:
-    """Progress through the run's budget: the fraction done on whichever limit binds first."""
-
-    def __init__(self, cfg: RunConfig) -> None:
-        b = cfg.budget
-        self.steps, self.tokens, self.seconds = b.steps, b.tokens, b.wall_clock_s
-
-    def progress(self, step: int, tokens: int, train_s: float) -> float:
-        fractions = []
-        if self.steps:
-            fractions.append(step / self.steps)
-        if self.tokens:
-            fractions.append(tokens / self.tokens)
-        if self.seconds:
-            fractions.append(train_s / self.seconds)
-        return min(max(fractions), 1.0)
-
-
 class _Cadence:
     """Fires each time a monotone quantity (tokens, steps, seconds, progress) crosses the next
     multiple of ``every``."""
@@ -225,7 +207,7 @@ def train(cfg: RunConfig, run_id: str, store: Store, run_dir: Path, *, base: Pat
     probe_x = next(iter_eval_batches(data.splits["valid"], tc.seq_len, 4, 1))[0].to(device)
     diag = Diagnostics(dc, raw_model, probe_x)
     spikes = SpikeDetector.from_config(dc)
-    budget = _Budget(cfg)
+    budget = cfg.budget
     eval_on, eval_cadence = _eval_cadence(cfg)
 
     # ---- counters, or the checkpoint's -------------------------------------------------------
