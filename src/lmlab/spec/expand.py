@@ -323,20 +323,31 @@ def _steps_for_tokens(train: TrainConfig, tokens: int) -> int | None:
     return ramp_steps + rest // per_step if rest % per_step == 0 else None
 
 
+# Per comparison axis: the budget field it needs, what it gives every arm, and what another
+# budget field would do to that promise.
+AXIS_BUDGET = {
+    "equal_tokens": ("tokens", "derives each arm's steps from budget.tokens",
+                     "end arms at different token counts"),
+    "equal_steps": ("steps", "gives every arm budget.steps", "end arms at different step counts"),
+    "equal_wall_clock": ("wall_clock_s", "gives every arm the same training seconds",
+                         "stop arms early"),
+}
+
+
 def _resolve_budget(spec: Spec, doc: YamlDoc, arm: str, tree: dict[str, Any],
                     evaluation: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     b, axis = spec.budget, spec.comparison_axis
     train = TrainConfig.model_validate(tree["train"])
     budget: dict[str, Any] = {"max_memory_mb": b.max_memory_mb}
     eval_cfg = dict(evaluation)
+    needed, gives, breaks = AXIS_BUDGET[axis]
+    if getattr(b, needed) is None:
+        raise doc.error(f"budget.{needed}", f"comparison_axis {axis} needs budget.{needed}")
+    for other in ("tokens", "steps", "wall_clock_s"):
+        if other != needed and getattr(b, other) is not None:
+            raise doc.error(f"budget.{other}", f"{axis} {gives}; a budget.{other} would {breaks}: "
+                            "remove it")
     if axis == "equal_tokens":
-        if b.tokens is None:
-            raise doc.error("budget.tokens", "comparison_axis equal_tokens needs budget.tokens")
-        for other in ("steps", "wall_clock_s"):
-            if getattr(b, other) is not None:
-                raise doc.error(f"budget.{other}", f"equal_tokens derives each arm's steps from "
-                                f"budget.tokens; a budget.{other} would end arms at different "
-                                "token counts: remove it")
         steps = _steps_for_tokens(train, b.tokens)
         if steps is None:
             per_step = train.tokens_per_step
@@ -348,21 +359,8 @@ def _resolve_budget(spec: Spec, doc: YamlDoc, arm: str, tree: dict[str, Any],
                             "of every arm's tokens per step")
         budget.update(tokens=b.tokens, steps=steps)
     elif axis == "equal_steps":
-        if b.steps is None:
-            raise doc.error("budget.steps", "comparison_axis equal_steps needs budget.steps")
-        for other in ("tokens", "wall_clock_s"):
-            if getattr(b, other) is not None:
-                raise doc.error(f"budget.{other}", f"equal_steps gives every arm budget.steps; a "
-                                f"budget.{other} would end arms at different step counts: remove it")
         budget.update(steps=b.steps, tokens=train.tokens_after(b.steps))
     else:  # equal_wall_clock
-        if b.wall_clock_s is None:
-            raise doc.error("budget.wall_clock_s",
-                            "comparison_axis equal_wall_clock needs budget.wall_clock_s")
-        for other in ("tokens", "steps"):
-            if getattr(b, other) is not None:
-                raise doc.error(f"budget.{other}", f"equal_wall_clock gives every arm the same "
-                                f"training seconds; a budget.{other} would stop arms early: remove it")
         if evaluation["every_tokens"] or evaluation["every_steps"]:
             raise doc.error("evaluation", "equal_wall_clock evaluates at the same wall-clock points: "
                             "use evaluation.every_seconds, not every_tokens/every_steps")
