@@ -68,9 +68,9 @@ def config(args: argparse.Namespace, diagnostics: dict, steps: int) -> RunConfig
         "train": {"batch_size": 16, "seq_len": 64 if args.quick else 256, "device": args.device},
         "budget": {"steps": steps},
         # No evaluation or checkpoint inside the window: step 0 and the end only.
-        "eval": {"every_steps": 10 * steps, "max_batches": 2, "log_every_steps": 10,
-                 "test_at_end": False, "checkpoint_every_steps": 10 * steps},
-        "diagnostics": diagnostics,
+        "evaluation": {"every_steps": 10 * steps, "max_batches": 2, "test_at_end": False,
+                       "diagnostics": diagnostics},
+        "cadence": {"log_every_steps": 10, "checkpoint_every_steps": 10 * steps},
     })
 
 

@@ -39,11 +39,11 @@ def config(steps: int) -> RunConfig:
         "optimizer": {"name": "adamw", "lr": 1e-3},
         "train": {"batch_size": 16, "seq_len": 256},
         "budget": {"steps": steps},
-        "eval": {"every_steps": 10**9, "max_batches": 1, "log_every_steps": 10,
-                 "checkpoint_every_steps": 10**9, "test_at_end": False},
-        "diagnostics": {"layer_grad_norms": False, "norm_grad_norms": False,
-                        "activation_norms": False, "attention_entropy": False,
-                        "update_ratio": False},
+        "evaluation": {"every_steps": 10**9, "max_batches": 1, "test_at_end": False,
+                       "diagnostics": {"layer_grad_norms": False, "norm_grad_norms": False,
+                                       "activation_norms": False, "attention_entropy": False,
+                                       "update_ratio": False}},
+        "cadence": {"log_every_steps": 10, "checkpoint_every_steps": 10**9},
     })
 
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import deep_merge
 from lmlab.config import DiagnosticsConfig, ModelConfig, RunConfig
 from lmlab.model import build_model
 from lmlab.model.attention import CausalSelfAttention
@@ -260,13 +261,11 @@ def run_cfg(articles_data: dict, **sections: dict) -> RunConfig:
         "schedule": {"name": "cosine", "warmup_steps": 2},
         "train": {"batch_size": 4, "seq_len": 32, "device": "cpu"},
         "budget": {"steps": 12},
-        "eval": {"every_steps": 6, "max_batches": 2, "batch_size": 8, "log_every_steps": 4,
-                 "test_at_end": False},
-        "diagnostics": {"every_steps": 2},
+        "evaluation": {"every_steps": 6, "max_batches": 2, "batch_size": 8, "test_at_end": False,
+                       "diagnostics": {"every_steps": 2}},
+        "cadence": {"log_every_steps": 4},
     }
-    for key, value in sections.items():
-        tree[key] = {**tree[key], **value}
-    return RunConfig.model_validate(tree)
+    return RunConfig.model_validate(deep_merge(tree, sections))
 
 
 def run(cfg: RunConfig, tmp: Path, run_id: str = "r") -> tuple[Store, str]:
@@ -279,7 +278,7 @@ def run(cfg: RunConfig, tmp: Path, run_id: str = "r") -> tuple[Store, str]:
 
 def test_core_metrics_are_logged_with_step_tokens_and_wall(articles_data: dict,
                                                            tmp_path: Path) -> None:
-    cfg = run_cfg(articles_data, diagnostics=DIAG_OFF)
+    cfg = run_cfg(articles_data, evaluation={"diagnostics": DIAG_OFF})
     store, rid = run(cfg, tmp_path)
     m = store.metrics(rid)
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
@@ -319,9 +318,9 @@ def test_grad_norm_is_logged_before_clipping(articles_data: dict, tmp_path: Path
     """Step 1 is the same computation with or without clipping: the logged global and layer-wise
     norms must be the same numbers, far above the clip threshold."""
     clipped, _ = run(run_cfg(articles_data, train={"grad_clip": 1e-3}, budget={"steps": 2},
-                             eval={"log_every_steps": 1}), tmp_path / "a")
+                             cadence={"log_every_steps": 1}), tmp_path / "a")
     free, _ = run(run_cfg(articles_data, train={"grad_clip": None}, budget={"steps": 2},
-                          eval={"log_every_steps": 1}), tmp_path / "b")
+                          cadence={"log_every_steps": 1}), tmp_path / "b")
     names = ["grad_norm", "grad_norm/block.0", "grad_norm/kind.matrix"]
     a, b = clipped.metrics("r", names), free.metrics("r", names)
     for name in names:
@@ -332,7 +331,7 @@ def test_grad_norm_is_logged_before_clipping(articles_data: dict, tmp_path: Path
 def test_probe_does_not_change_the_training_curve(articles_data: dict, tmp_path: Path) -> None:
     """Diagnostics every 2 steps vs none, with dropout on: identical losses, bit for bit."""
     on, _ = run(run_cfg(articles_data), tmp_path / "on")
-    off, _ = run(run_cfg(articles_data, diagnostics=DIAG_OFF), tmp_path / "off")
+    off, _ = run(run_cfg(articles_data, evaluation={"diagnostics": DIAG_OFF}), tmp_path / "off")
     for name in ("train_loss", "grad_norm", "val_loss"):
         a, b = on.metrics("r", [name])[name], off.metrics("r", [name])[name]
         assert [(r.step, r.value) for r in a] == [(r.step, r.value) for r in b], name
@@ -381,15 +380,17 @@ class _Reads:
 def test_hot_path_reads_the_device_once_per_step_and_once_per_interval(
         articles_data: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """12 steps, a log interval of 4, evaluations at steps 0, 6, 12, diagnostics every 4 steps:
-    the loop reads one finiteness flag per step, the interval's losses and gradient norms in one
-    read per flush (4: steps 4, 8, 12 and 6, before the evaluation), one NLL total per
-    evaluation (3); the diagnostics read three times per
-    probe (gradient norms, update ratios, probe forward) at steps 0, 4, 8."""
-    reads = _Reads(monkeypatch, ("lmlab/train/loop.py", "lmlab/train/diagnostics.py"))
-    run(run_cfg(articles_data, diagnostics={"every_steps": 4}), tmp_path)
+    the training step reads one finiteness flag per step, the recorder the interval's losses
+    and gradient norms in one read per flush (4: steps 4, 8, 12 and 6, before the evaluation),
+    evaluation one NLL total per pass (3); the diagnostics read three times per probe (gradient
+    norms, update ratios, probe forward) at steps 0, 4, 8. Nothing else in the loop reads."""
+    files = ("lmlab/train/loop.py", "lmlab/train/step.py", "lmlab/train/recorder.py",
+             "lmlab/train/evaluate.py", "lmlab/train/state.py", "lmlab/train/diagnostics.py")
+    reads = _Reads(monkeypatch, files)
+    run(run_cfg(articles_data, evaluation={"diagnostics": {"every_steps": 4}}), tmp_path)
     assert reads.counts == Counter({
-        ("lmlab/train/loop.py", "__bool__"): 12,
-        ("lmlab/train/loop.py", "tolist"): 4,
-        ("lmlab/train/loop.py", "item"): 3,
+        ("lmlab/train/step.py", "__bool__"): 12,
+        ("lmlab/train/recorder.py", "tolist"): 4,
+        ("lmlab/train/evaluate.py", "item"): 3,
         ("lmlab/train/diagnostics.py", "tolist"): 9,
     })

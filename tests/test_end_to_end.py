@@ -44,17 +44,20 @@ def test_run_then_report_fills_the_template_from_the_store(tmp_path, articles_da
         runs = store.runs()
         assert store.get_result("experiment/preflight")["passed"] is True
         plan = store.get_result("experiment/plan")
+        # The store's own numbers: a completed run's last (full-split) validation loss, and its
+        # training tokens over its training seconds.
+        final = {r["run_id"]: store.last_metric(r["run_id"], "val_loss") for r in runs}
     assert {r["status"] for r in runs} == {"completed"} and len(runs) == 4
     assert all(r["estimate_s"] > 0 for r in plan["runs"])  # the plan's expected wall-clock
     rows = {r["Config"]: r for r in md_table(md, "Config")}
     assert set(rows) == {"slow", "fast"}
     for arm, row in rows.items():
-        finals = [r["summary"]["final_val_loss"] for r in runs if r["arm"] == arm]
+        finals = [final[r["run_id"]] for r in runs if r["arm"] == arm]
         mean, std, n = parse_pm(row["Final Val Loss"])
         assert n == 2
         assert mean == pytest.approx(np.mean(finals), abs=5e-5)
         assert std == pytest.approx(np.std(finals, ddof=1), abs=5e-5)
-        tps = [r["summary"]["tokens_per_s"] for r in runs if r["arm"] == arm]
+        tps = [r["summary"]["tokens"] / r["summary"]["train_s"] for r in runs if r["arm"] == arm]
         assert parse_pm(row["Tokens/sec"])[0] == pytest.approx(np.mean(tps), abs=0.5)
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "http://" not in html

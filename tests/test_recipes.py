@@ -18,14 +18,17 @@ import torch
 import torch.nn.functional as F
 
 import lmlab.train.loop as loop
-from lmlab.analysis.runs import run_status
+from lmlab.analysis.records import load_runs
+from lmlab.analysis.records import status_row as status_row_of
 from lmlab.config import RunConfig
 from lmlab.data.batches import TrainBatcher, iter_eval_batches
 from lmlab.data.tokenize import DataBundle, prepare_data
 from lmlab.errors import UserError
 from lmlab.optim import build_schedule, newton_schulz
 from lmlab.store import Store
+from lmlab.train import step as step_module
 from lmlab.train.checkpoint import load_checkpoint
+from lmlab.train.evaluate import evaluate
 from lmlab.train.preflight import overfit, preflight_config
 
 BATCH, SEQ = 8, 64
@@ -51,11 +54,11 @@ def tiny(articles_data: dict, **sections: dict) -> RunConfig:
         "schedule": {"name": "constant"},
         "train": {"batch_size": BATCH, "seq_len": SEQ, "device": "cpu"},
         "budget": {"steps": 30},
-        "eval": {"every_steps": 1000, "max_batches": 4, "log_every_steps": 1,
-                 "test_at_end": False, "checkpoint_every_steps": 1000},
-        "diagnostics": {"layer_grad_norms": False, "norm_grad_norms": False,
-                        "activation_norms": False, "attention_entropy": False,
-                        "update_ratio": False},
+        "evaluation": {"every_steps": 1000, "max_batches": 4, "test_at_end": False,
+                       "diagnostics": {"layer_grad_norms": False, "norm_grad_norms": False,
+                                       "activation_norms": False, "attention_entropy": False,
+                                       "update_ratio": False}},
+        "cadence": {"log_every_steps": 1, "checkpoint_every_steps": 1000},
     }
     return RunConfig.model_validate(_merge(base, sections))
 
@@ -95,14 +98,14 @@ def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, byte_data: DataBundle):
     """``run(cfg, name)`` trains ``cfg`` through ``lmlab.train.loop.train`` into a fresh store,
     keeping the model the loop built and a copy of its weights as built."""
     built: list[tuple[torch.nn.Module, dict[str, torch.Tensor]]] = []
-    real_build = loop.build_run_model
+    real_build = step_module.build_run_model
 
     def capture(cfg: RunConfig, vocab_size: int) -> torch.nn.Module:
         model = real_build(cfg, vocab_size)
         built.append((model, {n: p.detach().clone() for n, p in model.named_parameters()}))
         return model
 
-    monkeypatch.setattr(loop, "build_run_model", capture)
+    monkeypatch.setattr(step_module, "build_run_model", capture)
 
     def go(cfg: RunConfig, name: str = "r", data: DataBundle | None = None) -> Run:
         built.clear()
@@ -112,7 +115,7 @@ def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, byte_data: DataBundle):
             result = loop.train(cfg, name, store, out / "run", data=data or byte_data)
             rows = {k: [(r.step, r.tokens, r.value) for r in v]
                     for k, v in store.metrics(name).items()}
-            (status_row,) = run_status(store)
+            (status_row,) = [status_row_of(r) for r in load_runs(store)]
         (model, initial), = built
         return Run(result, rows, model, initial, status_row, out / "run")
 
@@ -136,7 +139,7 @@ def test_each_optimizer_trains_a_tiny_gpt_on_real_text(run, articles_data, name:
     r = run(cfg)
     assert r.result.status == "completed"
     assert r.rows["val_loss"][0][0] == 0  # the step-0 evaluation, before any update
-    start, final = r.values("val_loss")[0], r.result.summary["final_val_loss"]
+    start, final = r.values("val_loss")[0], r.status_row["final_val_loss"]
     assert math.isfinite(final) and final < start - 0.3, (name, start, final)
     assert r.values("train_loss")[-1] < r.values("train_loss")[0]
 
@@ -286,7 +289,7 @@ def test_z_loss_and_label_smoothing_change_the_objective_not_the_reported_loss(
 
 def test_ema_weights_are_what_is_evaluated(run, articles_data, byte_data) -> None:
     common = {"budget": {"steps": 20}, "optimizer": {"lr": 1e-2},
-              "eval": {"every_steps": 5, "max_batches": 2}}
+              "evaluation": {"every_steps": 5, "max_batches": 2}}
     live = run(tiny(articles_data, **common), "live")
     ema = run(tiny(articles_data, **common, train={"ema_decay": 0.9}), "ema")
 
@@ -297,14 +300,14 @@ def test_ema_weights_are_what_is_evaluated(run, articles_data, byte_data) -> Non
     for step in (5, 10, 15, 20):
         assert ema.at("val_loss", step) != pytest.approx(live.at("val_loss", step), abs=1e-4)
     # The final val loss is exactly the EMA weights' loss on the full split.
-    averaged = load_checkpoint(ema.run_dir)["ema"]
+    averaged = load_checkpoint(ema.run_dir)["learner"]["ema"]
     model = copy.deepcopy(ema.model)
     for p, e in zip(model.parameters(), averaged, strict=True):
         assert not torch.equal(p, e)
         p.data.copy_(e)
-    result = loop.evaluate(model, byte_data.splits["valid"], byte_data.stats["valid"], SEQ, 16,
+    result = evaluate(model, byte_data.splits["valid"], byte_data.stats["valid"], SEQ, 16,
                            None, torch.device("cpu"), "fp32")
-    assert result["loss"] == pytest.approx(ema.result.summary["final_val_loss"], rel=1e-9)
+    assert result["loss"] == pytest.approx(ema.status_row["final_val_loss"], rel=1e-9)
 
 
 @pytest.mark.parametrize("scaled_init", [True, False])
@@ -420,7 +423,7 @@ def test_init_from_loads_saved_gpt2_weights(run, articles_data, tiny_gpt2_dir, d
     cfg = tiny(articles_data, tokenizer={"kind": "gpt2"}, budget={"steps": 1},
                model={"dropout": 0.1},
                train={"init_from": str(path), "seq_len": 64, "batch_size": 4},
-               eval={"max_batches": 2, "batch_size": 4})
+               evaluation={"max_batches": 2, "batch_size": 4})
     data = prepare_data(cfg.data, cfg.tokenizer)
     assert data.tokenizer.vocab_size == 50257
     r = run(cfg, data=data)

@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from lmlab.analysis.curves import arm_curves
 from lmlab.analysis.stats import summarize
-from lmlab.analysis.summary import arm_curves, load_experiment, summarize_arms
+from lmlab.analysis.summary import load_experiment, summarize_arms
 from lmlab.config import RunConfig
 from lmlab.report import compare, write_report
 from lmlab.spec.schema import Spec
@@ -116,16 +117,6 @@ def build_experiment(directory: Path, arms: Sequence[Arm], *, checks: Sequence[M
                 "batch_size": 4, "sequences": 4, "seq_len": seq_len, "nan": False,
                 "grads_finite": True,
                 "losses": list(np.geomspace(9.1, 0.2 if ok else 2.4, 150))}]})
-        if addendum:
-            store.put_result("systems/addendum", {
-                "reference": arms[0].name,
-                "rows": [{"arm": a.name, "step_time_s": 0.05 + 0.01 * k,
-                          "tokens_per_s": a.tokens_per_s, "peak_mem_bytes": a.peak_mem,
-                          "final_val_loss": float(np.mean(a.finals))}
-                         for k, a in enumerate(arms)],
-                "conclusions": {"memory_saved": "38% less peak memory with checkpointing",
-                                "speed_change": "21% slower per step",
-                                "behaviour": "identical loss curves within seed noise"}})
     return directory
 
 
@@ -353,14 +344,24 @@ def test_quantitative_summary_equals_the_store(full_report: tuple[Path, Any]) ->
                "Tokens/sec": ("tokens_per_s", 0, 1.0), "Peak VRAM": ("peak_mem_bytes", 1, 2**-20)}
     with Store(d) as store:
         runs = store.runs()
+        last_val = {r["run_id"]: {k: store.last_metric(r["run_id"], f"val_{k}")
+                                  for k in ("loss", "ppl", "bpb", "word_ppl")} for r in runs}
+
+    def raw(r: dict, key: str) -> float:
+        """One run's number, recomputed from the store as the records define it."""
+        if key.startswith("final_val_"):
+            return last_val[r["run_id"]][key.removeprefix("final_val_")]
+        if key == "tokens_per_s":  # training tokens / training seconds, the whole run
+            return r["summary"]["tokens"] / r["summary"]["train_s"]
+        return r["summary"][key]
+
     for row in rows:
         mine = [r for r in runs if r["arm"] == row["Config"]]
         for col, (key, decimals, scale) in columns.items():
-            # Recomputed here from the raw summaries: completed runs only for end-of-run
-            # metrics, diverged runs too for speed and memory.
+            # Completed runs only for end-of-run metrics, diverged runs too for speed and memory.
             keep = [r for r in mine if r["status"] == "completed"
                     or (r["status"] == "diverged" and not key.startswith("final_"))]
-            vals = [r["summary"][key] * scale for r in keep]
+            vals = [raw(r, key) * scale for r in keep]
             mean, std, n = parse_pm(row[col])
             tol = 0.5 * 10**-decimals + 1e-9
             assert n == len(vals), (row["Config"], col)
@@ -626,21 +627,113 @@ def test_curves_aggregate_seeds_point_by_point(full_report: tuple[Path, Any]) ->
     assert by_time["lr1e-3"].x[-1] == pytest.approx(60 * 2048 / 21_000)
 
 
-def test_exploding_seed_makes_the_arms_max_grad_norm_infinite() -> None:
-    from lmlab.analysis.summary import Experiment, RunRecord, run_metrics
-    from lmlab.report.content import sig
-    from lmlab.store import MetricRow
+def test_exploding_seed_makes_the_arms_max_grad_norm_infinite(tmp_path: Path) -> None:
+    from lmlab.report.format import sig
 
-    runs = []
-    for seed, grads in ((0, [1.0, 2.0]), (1, [1.0, math.inf]), (2, [3.0, math.nan])):
-        run = RunRecord(f"a-s{seed}", "a", seed, "completed", {}, {}, {}, None,
-                        {"grad_norm": [MetricRow(i, i, float(i), g) for i, g in enumerate(grads)]},
-                        [])
-        run.metrics = run_metrics(run)
-        runs.append(run)
-    exp = Experiment(Path("."), "x", None, None, None, None, None, runs, ["a"], "a",
-                     "equal_tokens", [])
-    s = summarize_arms(exp)["a"].stats["max_grad_norm"]
+    cfg = RunConfig()
+    with Store.open(tmp_path) as store:
+        for seed, grads in ((0, [1.0, 2.0]), (1, [1.0, math.inf]), (2, [3.0, math.nan])):
+            rid = f"a-s{seed}"
+            store.add_run(rid, "a", seed, cfg.to_json(), cfg.config_hash)
+            store.log_many(rid, [(i, i, float(i), {"grad_norm": g}) for i, g in enumerate(grads)])
+            store.set_status(rid, "completed", summary={"steps": 2})
+    s = summarize_arms(load_experiment(tmp_path))["a"].stats["max_grad_norm"]
     # A NaN gradient norm counts as the largest one (inf), like an inf: no seed drops out.
     assert s.n == 3 and s.mean == math.inf
     assert sig(s.mean, 3) == "∞"
+
+
+def test_a_diverged_run_has_no_final_metrics_but_its_last_evaluation_is_shown(
+        full_report: tuple[Path, Any]) -> None:
+    """lr1e-2-s1 blew up at step 34: a "final" loss would be its last pre-blow-up evaluation
+    and make the unstable arm look better than it is. It has none; its last evaluation (step
+    30) is reported as what it is."""
+    _, paths = full_report
+    md = paths.markdown.read_text(encoding="utf-8")
+    runs = {r["Run"]: r for r in md_table(md, "Run")}
+    diverged = runs["lr1e-2-s1"]
+    assert diverged["Status"] == "diverged" and diverged["Steps"] == "34"
+    for col in ("Final val loss", "Final train loss", "Test loss"):
+        assert diverged[col] == "—", col
+    assert diverged["Tokens/sec"] != "—" and diverged["Max grad norm"] != "—"
+    assert runs["lr1e-2-s0"]["Final val loss"] == "4.9500"
+    obs = md.split("### Raw Observations")[1].split("### Quantitative Summary")[0]
+    m = re.search(r"lr1e-2-s1 stopped at step 34 \(diverged\), so it has no final metrics; its "
+                  r"last evaluation, at step 30 \(61,440 tokens\), had validation loss (\d+\.\d+)",
+                  obs)
+    assert m, obs
+    tau, final = 60 / 4, 5.30  # the synthetic curve of lr1e-2's seed 1 (see _write_run)
+    at_30 = final + (9.0 - final) * (math.exp(-30 / tau) - math.exp(-60 / tau))
+    assert float(m.group(1)) == pytest.approx(at_30, abs=5e-5)
+
+
+def test_the_addendum_is_computed_from_the_records(full_report: tuple[Path, Any]) -> None:
+    """The spec asks for the addendum (systems_addendum: true): its Compare table is the arms'
+    whole-run step time and tokens/sec, peak memory and final validation loss, recomputed here
+    from the store."""
+    d, paths = full_report
+    md = paths.markdown.read_text(encoding="utf-8")
+    addendum = md.split("## Memory / Systems Experiment Addendum")[1]
+    assert "- **Fixed tokens per run:** 122,880 (yes)" in addendum
+    assert "- **Same seed:** 0, 1, 2 in every arm (yes)" in addendum
+    assert "- **Same effective batch:** 8 (yes)" in addendum
+    table = {r["Config"]: r for r in md_table(addendum, "Config | Step Time")}
+    assert list(table) == ["lr1e-3", "lr3e-3", "lr1e-2"]
+    with Store(d) as store:
+        runs = store.runs()
+    for arm, row in table.items():
+        measured = [r["summary"] for r in runs if r["arm"] == arm
+                    and r["status"] in ("completed", "diverged")]
+        step_ms = np.mean([1000 * s["train_s"] / s["steps"] for s in measured])
+        tps = np.mean([s["tokens"] / s["train_s"] for s in measured])
+        assert row["Step Time"] == f"{step_ms:.1f} ms"
+        assert row["Tokens/sec"] == f"{round(tps):,}"
+        assert row["Peak VRAM"] == f"{np.mean([s['peak_mem_bytes'] for s in measured]) / 2**20:,.1f} MiB"
+    assert table["lr1e-2"]["Final Val Loss"] == f"{np.mean([4.95, 5.00]):.4f}"  # completed only
+    assert ("- **Memory saved:** lr3e-3: 2.0 MiB more than lr1e-3 (+0.6%; peak CUDA memory "
+            "allocated); lr1e-2: 5.0 MiB more than lr1e-3") in addendum
+    assert "- **Speed change:** lr3e-3: -2.4% tokens/sec vs lr1e-3" in addendum
+    assert ("lr3e-3: expected to differ from lr1e-3, optimizer.lr changes what is trained"
+            in addendum)
+
+
+def test_systems_prints_the_addendum_of_any_experiment(tmp_path: Path) -> None:
+    """``lmlab systems`` computes the addendum from the store even when the spec did not ask for
+    it, and prints the same content as the report would."""
+    from rich.console import Console
+
+    from lmlab.report import print_addendum
+
+    build_experiment(tmp_path, CLEAR_WIN, checks=[WIN_CHECK])
+    console = Console(width=200, record=True)
+    print_addendum(tmp_path, console)
+    text = console.export_text()
+    for line in ("Measurement Conditions", "Fixed tokens per run: 122,880 (yes)",
+                 "Compare (reference: lr1e-3)", "Step Time", "Tokens/sec",
+                 "Peak memory (RSS)", "Memory saved:", "lr3e-3: 2.0 MiB more than lr1e-3",
+                 "lr3e-3: -2.4% tokens/sec vs lr1e-3 (± 0.0%: std over 3 seeds)"):
+        assert line in text, line
+    md = write_report(tmp_path).markdown.read_text(encoding="utf-8")
+    assert "## Memory / Systems Experiment Addendum" not in md  # not asked for by the spec
+
+
+def test_a_wanted_addendum_without_runs_says_so(tmp_path: Path) -> None:
+    spec = {"meta": {"name": "mem", "category": "memory", "seeds": [0]}, "objective": "?",
+            "hypothesis": {"mechanism": "m", "prediction": "p", "falsification": "f"},
+            "independent": {"variables": ["train.grad_accum"],
+                            "arms": {"a1": {"train.grad_accum": 1}, "a4": {"train.grad_accum": 4}}},
+            "budget": {"tokens": 4096}, "comparison_axis": "equal_tokens",
+            "expected_outcomes": "less memory"}
+    with Store.open(tmp_path) as store:
+        store.put_result("experiment/spec", {"path": "mem.yaml", "text": json.dumps(spec),
+                                             "hash": "h", "spec": spec})
+    md = write_report(tmp_path).markdown.read_text(encoding="utf-8")
+    addendum = md.split("## Memory / Systems Experiment Addendum")[1]
+    assert ("The spec asks for this addendum, but it cannot be computed yet (no runs in this "
+            "experiment yet") in addendum
+    assert "No runs in the store yet." in md
+    from lmlab.errors import UserError
+    from lmlab.report import print_addendum
+
+    with pytest.raises(UserError, match="no runs"):
+        print_addendum(tmp_path)

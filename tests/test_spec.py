@@ -17,7 +17,9 @@ import yaml
 
 from lmlab.errors import UserError
 from lmlab.execute.experiment import run_experiment, run_preflight
+from lmlab.names import RUN_METRICS
 from lmlab.spec.expand import load_plan
+from lmlab.spec.schema import Spec
 from lmlab.store import Store
 
 
@@ -40,9 +42,9 @@ def base_spec(articles_data: dict) -> dict:
                         "arms": {"slow": {"optimizer.lr": 1e-3}, "fast": {"optimizer.lr": 3e-3}}},
         "budget": {"tokens": 8 * 32 * 12},
         "comparison_axis": "equal_tokens",
-        "evaluation": {"every_steps": 6, "max_batches": 4, "log_every_steps": 3,
-                       "checkpoint_every_steps": 4, "test_at_end": False,
+        "evaluation": {"every_steps": 6, "max_batches": 4, "test_at_end": False,
                        "diagnostics": {"every_steps": 6}},
+        "cadence": {"log_every_steps": 3, "checkpoint_every_steps": 4},
         "expected_outcomes": ["fast ends lower"],
         "preflight": {"sequences": 2, "batch_size": 2, "steps": 60, "loss_threshold": 1.5},
     }
@@ -172,7 +174,7 @@ def test_equal_steps_and_equal_wall_clock(tmp_path, articles_data):
     plan = load_plan(write(tmp_path, spec))
     for r in plan.runs:
         assert r.config.budget.wall_clock_s == 20 and r.config.budget.steps is None
-        assert r.config.eval.every_seconds == 2.0  # the same wall-clock points for every arm
+        assert r.config.evaluation.every_seconds == 2.0  # the same wall-clock points for every arm
     spec["evaluation"]["every_steps"] = 5
     assert "every_seconds" in refused(tmp_path, spec).message
 
@@ -229,9 +231,10 @@ def test_new_writes_a_valid_spec_with_every_section(tmp_path, monkeypatch):
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     text = (tmp_path / "my-exp.yaml").read_text()
-    for section in ("meta:", "objective:", "hypothesis:", "controlled:", "independent:", "budget:",
-                    "comparison_axis:", "evaluation:", "expected_outcomes:", "preflight:"):
-        assert section in text
+    for section in Spec.model_fields:  # the template writes every section the schema has
+        assert f"\n{section}:" in text or f"\n# {section}:" in text, section
+    for metric in RUN_METRICS:  # and names every metric a check may use
+        assert metric in text, metric
     for heading in ("# 0. Experiment Meta", "# 1. Objective", "# 2. Hypothesis", "# 3. Controlled",
                     "# 4. Independent", "# 5. Experimental Design", "# 7. Expected Outcomes",
                     "Overfit Sanity"):
@@ -276,7 +279,8 @@ def _metric_values(out: Path) -> dict:
 def test_interrupted_sweep_resumes_to_the_uninterrupted_result(tmp_path, articles_data):
     spec = base_spec(articles_data)
     spec["budget"] = {"tokens": 8 * 32 * 300}
-    spec["evaluation"].update(every_steps=100, checkpoint_every_steps=20)
+    spec["evaluation"].update(every_steps=100)
+    spec["cadence"].update(checkpoint_every_steps=20)
     path = write(tmp_path, spec)
     cmd = [sys.executable, "-m", "lmlab.cli", "run", str(path), "--skip-preflight"]
     subprocess.run([*cmd, "--out", str(tmp_path / "ref")], check=True, capture_output=True)

@@ -16,6 +16,8 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import lmlab.train.loop as loop
+import lmlab.train.step as step_module
+from conftest import deep_merge
 from lmlab.config import DiagnosticsConfig, RunConfig
 from lmlab.execute.local import run_sweep
 from lmlab.spec.expand import PlannedRun
@@ -113,14 +115,13 @@ def run_cfg(data: dict, **sections: dict) -> RunConfig:
         "schedule": {"name": "constant"},
         "train": {"batch_size": 8, "seq_len": 32, "device": "cpu"},
         "budget": {"steps": 40},
-        "eval": {"every_steps": 100, "max_batches": 1, "batch_size": 8, "log_every_steps": 5,
-                 "test_at_end": False},
-        "diagnostics": {"every_steps": 1000, "spike_window": 10, "spike_warmup": 10,
-                        "spike_threshold": 6.0},
+        "evaluation": {"every_steps": 100, "max_batches": 1, "batch_size": 8,
+                       "test_at_end": False,
+                       "diagnostics": {"every_steps": 1000, "spike_window": 10,
+                                       "spike_warmup": 10, "spike_threshold": 6.0}},
+        "cadence": {"log_every_steps": 5},
     }
-    for key, value in sections.items():
-        tree[key] = {**tree[key], **value}
-    return RunConfig.model_validate(tree)
+    return RunConfig.model_validate(deep_merge(tree, sections))
 
 
 def start(cfg: RunConfig, tmp: Path, run_id: str = "r") -> Store:
@@ -170,7 +171,7 @@ def test_a_real_loss_spike_is_an_event_and_a_clean_run_has_none(
 def test_loss_above_the_divergence_factor_stops_the_run(
         articles_data: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     poison_batches(monkeypatch, from_step=20)
-    cfg = run_cfg(articles_data, diagnostics={"divergence_factor": 1.1})
+    cfg = run_cfg(articles_data, evaluation={"diagnostics": {"divergence_factor": 1.1}})
     store = start(cfg, tmp_path)
     result = loop.train(cfg, "r", store, tmp_path / "run")
     assert result.status == "diverged" and store.run("r")["status"] == "diverged"
@@ -221,7 +222,7 @@ class _Recorder:
 
 def test_a_non_finite_step_is_recorded_before_any_optimizer_step_applies_it(
         articles_data: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = run_cfg(articles_data, optimizer={"lr": 1e6}, eval={"log_every_steps": 4})
+    cfg = run_cfg(articles_data, optimizer={"lr": 1e6}, cadence={"log_every_steps": 4})
     store = start(cfg, tmp_path)
     rec = _Recorder(monkeypatch)
     try:
@@ -256,7 +257,7 @@ def test_out_of_memory_ends_the_run_over_budget_with_its_rows(
         articles_data: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An out-of-memory error (CUDA's, simulated here in the 7th training forward) is caught:
     the run is over_budget with an oom event, the six steps before it keep their rows."""
-    build = loop.build_model
+    build = step_module.build_model
 
     def build_failing(*args: object, **kwargs: object) -> torch.nn.Module:
         model = build(*args, **kwargs)
@@ -271,8 +272,8 @@ def test_out_of_memory_ends_the_run_over_budget_with_its_rows(
         model.register_forward_pre_hook(hook)
         return model
 
-    monkeypatch.setattr(loop, "build_model", build_failing)
-    cfg = run_cfg(articles_data, budget={"steps": 12}, eval={"log_every_steps": 4})
+    monkeypatch.setattr(step_module, "build_model", build_failing)
+    cfg = run_cfg(articles_data, budget={"steps": 12}, cadence={"log_every_steps": 4})
     store = start(cfg, tmp_path)
     result = loop.train(cfg, "r", store, tmp_path / "run")
     assert result.status == "over_budget" and store.run("r")["status"] == "over_budget"

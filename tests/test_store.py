@@ -17,11 +17,13 @@ import pytest
 import torch
 
 from lmlab.analysis.stats import summarize
+from lmlab.config import RunConfig
 from lmlab.errors import UserError
 from lmlab.store import Migration, Store, capture, hardware_summary
 from lmlab.store import db as dbmod
 
 CONFIG = json.dumps({"optimizer": {"lr": 0.001}, "train": {"seed": 0}})
+LATEST = len(dbmod.MIGRATIONS)
 
 
 @pytest.fixture
@@ -42,7 +44,7 @@ def test_open_creates_directory_and_sets_up_connection(tmp_path: Path) -> None:
         assert s._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert s._conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
         assert s._conn.execute("PRAGMA busy_timeout").fetchone()[0] >= 10_000
-        assert s.schema_version == 1
+        assert s.schema_version == LATEST
         s.put_result("x", 1)
     # Store(dir) finds the file inside an existing directory; data survives reopening.
     with Store(exp) as s:
@@ -57,12 +59,13 @@ def test_closed_store_refuses_work(tmp_path: Path) -> None:
         s.runs()
 
 
-def test_migration_list_upgrades_an_existing_v1_database(tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_migration_list_upgrades_an_existing_database(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     with Store.open(tmp_path) as s:
         s.add_run("r", "a", 0, CONFIG, "h")
         s.log_metrics("r", 1, 10, 0.5, {"loss": 3.0})
-        assert s.schema_version == 1
+        assert s.schema_version == LATEST
+    new = LATEST + 1
 
     applied: list[int] = []
 
@@ -72,15 +75,46 @@ def test_migration_list_upgrades_an_existing_v1_database(tmp_path: Path,
         # migration is not re-run.
         conn.execute("CREATE TABLE notes (run_id TEXT REFERENCES runs(run_id), text TEXT)")
 
-    monkeypatch.setattr(dbmod, "MIGRATIONS", [*dbmod.MIGRATIONS, Migration(2, "notes", v2)])
+    monkeypatch.setattr(dbmod, "MIGRATIONS", [*dbmod.MIGRATIONS, Migration(new, "notes", v2)])
     with Store.open(tmp_path) as s:
-        assert s.schema_version == 2
+        assert s.schema_version == new
         assert s._conn.execute("SELECT COUNT(*) FROM notes").fetchone()[0] == 0
         assert s.last_metric("r", "loss") == 3.0
         assert s.run("r")["status"] == "pending"
     with Store.open(tmp_path) as s:
-        assert s.schema_version == 2
+        assert s.schema_version == new
     assert applied == [2]
+
+
+def test_a_store_written_by_lmlab_0_1_is_migrated_to_todays_config_sections(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """0.1 stored run configs with ``eval`` (cadences inside) and a top-level ``diagnostics``;
+    opening the store moves them to ``evaluation`` / ``evaluation.diagnostics`` / ``cadence``,
+    and the run keeps its identity."""
+    old_tree = RunConfig().model_dump(mode="json")
+    evaluation = old_tree.pop("evaluation")
+    old_tree["diagnostics"] = evaluation.pop("diagnostics")
+    old_tree["eval"] = {**evaluation, **old_tree.pop("cadence")}
+    old_tree["eval"]["log_every_steps"] = 3
+    old_tree["diagnostics"]["every_steps"] = 7
+    monkeypatch.setattr(dbmod, "MIGRATIONS", dbmod.MIGRATIONS[:1])
+    with Store.open(tmp_path) as s:
+        s.add_run("r", "a", 0, json.dumps(old_tree), "0.1-hash")
+        s.put_result("experiment/spec", {"text": "...", "spec": {
+            "meta": {"name": "old"}, "evaluation": {"every_steps": 5, "log_every_steps": 3}}})
+        assert s.schema_version == 1
+    monkeypatch.undo()
+    with Store.open(tmp_path) as s:
+        assert s.schema_version == LATEST
+        run = s.run("r")
+        spec = s.get_result("experiment/spec")["spec"]
+    assert spec["evaluation"] == {"every_steps": 5} and spec["cadence"] == {"log_every_steps": 3}
+    assert "eval" not in run["config"] and "diagnostics" not in run["config"]
+    cfg = RunConfig.model_validate(run["config"])
+    assert cfg.cadence.log_every_steps == 3 and cfg.evaluation.diagnostics.every_steps == 7
+    assert run["config_hash"] == cfg.config_hash
+    # The tree as 0.1 wrote it still validates (a config file or checkpoint of that age).
+    assert RunConfig.model_validate(old_tree) == cfg
 
 
 def test_failed_migration_leaves_database_unchanged(tmp_path: Path,
@@ -92,12 +126,13 @@ def test_failed_migration_leaves_database_unchanged(tmp_path: Path,
         conn.execute("CREATE TABLE half_done (x)")
         raise RuntimeError("migration bug")
 
-    monkeypatch.setattr(dbmod, "MIGRATIONS", [*dbmod.MIGRATIONS, Migration(2, "bad", broken)])
+    monkeypatch.setattr(dbmod, "MIGRATIONS",
+                        [*dbmod.MIGRATIONS, Migration(LATEST + 1, "bad", broken)])
     with pytest.raises(RuntimeError, match="migration bug"):
         Store.open(tmp_path)
     monkeypatch.undo()
     with Store.open(tmp_path) as s:
-        assert s.schema_version == 1
+        assert s.schema_version == LATEST
         assert s.get_result("kept") is True
         tables = {r[0] for r in s._conn.execute("SELECT name FROM sqlite_master")}
         assert "half_done" not in tables
@@ -112,7 +147,7 @@ def test_newer_database_is_a_user_error(tmp_path: Path) -> None:
 
 def test_migration_versions_must_be_contiguous(tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    gap = Migration(3, "skips 2", lambda conn: None)
+    gap = Migration(LATEST + 2, "skips one", lambda conn: None)
     monkeypatch.setattr(dbmod, "MIGRATIONS", [*dbmod.MIGRATIONS, gap])
     with pytest.raises(RuntimeError, match="without gaps"):
         Store.open(tmp_path)

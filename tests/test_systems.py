@@ -5,7 +5,6 @@ computed from the store (numbers, conclusions, the spec's measurement conditions
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -13,17 +12,16 @@ import pytest
 import torch
 import yaml
 
-from lmlab.analysis.systems import (
-    KNOB_TOLERANCE,
-    RESULT_KEY,
-    print_systems,
-    systems_addendum,
-)
+from lmlab.analysis.records import load_runs
+from lmlab.analysis.summary import load_experiment
+from lmlab.analysis.systems import KNOB_TOLERANCE, Addendum, systems_addendum
 from lmlab.config import ModelConfig, RunConfig
 from lmlab.data.tokenize import prepare_data
 from lmlab.errors import UserError
 from lmlab.execute.experiment import run_experiment
 from lmlab.model import build_model
+from lmlab.report import print_addendum
+from lmlab.report.sections.addendum import conclusions, notes
 from lmlab.spec.expand import expand, load_plan, load_spec
 from lmlab.store import Store
 from lmlab.train.checkpoint import load_checkpoint
@@ -44,9 +42,9 @@ def tiny(data: dict, **overrides: dict) -> RunConfig:
         "schedule": {"name": "constant"},
         "train": {"batch_size": 8, "seq_len": 32},
         "budget": {"steps": STEPS, "tokens": STEPS * 8 * 32},
-        "eval": {"every_steps": 10, "max_batches": 2, "batch_size": 8, "log_every_steps": 5,
-                 "test_at_end": False},
-        "diagnostics": NO_PROBES,
+        "evaluation": {"every_steps": 10, "max_batches": 2, "batch_size": 8,
+                       "test_at_end": False, "diagnostics": NO_PROBES},
+        "cadence": {"log_every_steps": 5},
     }
     for section, values in overrides.items():
         tree[section] = {**tree.get(section, {}), **values}
@@ -62,6 +60,16 @@ def train_arm(store: Store, out: Path, arm: str, cfg: RunConfig, data=None) -> s
 
 def losses(store: Store, run_id: str) -> list[float]:
     return [r.value for r in store.metrics(run_id, ["train_loss"])["train_loss"]]
+
+
+def addendum_of(out: Path) -> Addendum:
+    """The addendum of the experiment in ``out``, computed from its run records."""
+    return systems_addendum(load_experiment(out))
+
+
+def metric(store: Store, run_id: str, name: str) -> float | None:
+    """A per-run quantity as the records define it (lmlab.analysis.records)."""
+    return next(r.metrics[name] for r in load_runs(store) if r.run_id == run_id)
 
 
 def max_diff(a: list[float], b: list[float]) -> float:
@@ -94,7 +102,7 @@ def knobs(tmp_path_factory: pytest.TempPathFactory, data_dir: Path):
     store = Store.open(out)
     configs = {arm: tiny(data_cfg, **over) for arm, over in ARMS.items()}
     ids = {arm: train_arm(store, out, arm, cfg, bundle) for arm, cfg in configs.items()}
-    result = systems_addendum(store)
+    result = addendum_of(out)
     yield store, ids, configs, result, out
     store.close()
 
@@ -107,10 +115,10 @@ def test_accumulation_4x_quarter_batch_equals_1x_full_batch(knobs) -> None:
     # fp32 on CPU: the same gradient summed in another order, over 20 optimizer steps.
     assert max_diff(ref, acc) <= KNOB_TOLERANCE["train.grad_accum"].cpu == 1e-4
     assert ref[-1] < ref[0] - 0.5  # it trained
-    beh = result["comparisons"]["accum4"]["behaviour"]
-    assert beh["verdict"] == "equivalent" and beh["changed"] == {"train.grad_accum": [1, 4]}
-    assert beh["tolerance"] == 1e-4 and beh["steps"] == STEPS
-    val = [store.run(ids[a])["summary"]["final_val_loss"] for a in ("ref", "accum4")]
+    beh = result.comparisons["accum4"].behaviour
+    assert beh.verdict == "equivalent" and beh.changed == {"train.grad_accum": (1, 4)}
+    assert beh.tolerance == 1e-4 and beh.steps == STEPS
+    val = [metric(store, ids[a], "final_val_loss") for a in ("ref", "accum4")]
     assert val[0] == pytest.approx(val[1], abs=1e-4)
 
 
@@ -133,7 +141,7 @@ def test_sdpa_and_manual_attention_agree_on_logits_and_gradients(positions: str)
 def test_sdpa_and_manual_attention_train_within_tolerance(knobs) -> None:
     store, ids, _, result, _ = knobs
     assert max_diff(losses(store, ids["ref"]), losses(store, ids["manual"])) <= 1e-3
-    assert result["comparisons"]["manual"]["behaviour"]["verdict"] == "equivalent"
+    assert result.comparisons["manual"].behaviour.verdict == "equivalent"
 
 
 def test_activation_checkpointing_leaves_the_loss_curve_unchanged(knobs) -> None:
@@ -141,8 +149,8 @@ def test_activation_checkpointing_leaves_the_loss_curve_unchanged(knobs) -> None
     ref = losses(store, ids["ref"])
     for arm in ("ckpt_every", "ckpt_2nd"):
         assert max_diff(ref, losses(store, ids[arm])) <= 1e-5, arm
-        beh = result["comparisons"][arm]["behaviour"]
-        assert beh["verdict"] == "equivalent" and beh["tolerance"] == 1e-5
+        beh = result.comparisons[arm].behaviour
+        assert beh.verdict == "equivalent" and beh.tolerance == 1e-5
 
 
 def test_optimizer_implementations_give_the_same_curve(knobs) -> None:
@@ -152,7 +160,7 @@ def test_optimizer_implementations_give_the_same_curve(knobs) -> None:
         assert store.run(ids[impl])["summary"]["optimizer_impl"] == impl
         assert max_diff(ref, losses(store, ids[impl])) <= KNOB_TOLERANCE["optimizer.impl"].cpu
     for impl in ("foreach", "plain"):
-        assert result["comparisons"][impl]["behaviour"]["verdict"] == "equivalent"
+        assert result.comparisons[impl].behaviour.verdict == "equivalent"
 
 
 def test_bf16_and_fp16_complete_with_finite_loss(knobs) -> None:
@@ -161,43 +169,48 @@ def test_bf16_and_fp16_complete_with_finite_loss(knobs) -> None:
         run = store.run(ids[arm])
         assert run["status"] == "completed"
         assert all(math.isfinite(v) for v in losses(store, ids[arm]))
-        assert math.isfinite(run["summary"]["final_val_loss"])
-        beh = result["comparisons"][arm]["behaviour"]
-        assert beh["tolerance"] == 5e-2 and beh["verdict"] == "equivalent", beh
+        assert math.isfinite(metric(store, ids[arm], "final_val_loss"))
+        beh = result.comparisons[arm].behaviour
+        assert beh.tolerance == 5e-2 and beh.verdict == "equivalent", beh
     # fp16 trains through a GradScaler (its state travels in the checkpoint); bf16 needs none.
-    assert "scale" in load_checkpoint(out / "runs" / ids["fp16"])["scaler"]
-    assert not load_checkpoint(out / "runs" / ids["bf16"])["scaler"]
+    assert "scale" in load_checkpoint(out / "runs" / ids["fp16"])["learner"]["scaler"]
+    assert not load_checkpoint(out / "runs" / ids["bf16"])["learner"]["scaler"]
 
 
 def test_addendum_numbers_equal_what_the_store_holds(knobs) -> None:
-    store, ids, _, result, _ = knobs
-    assert json.loads(json.dumps(result)) == store.get_result(RESULT_KEY)
-    assert result["reference"] == "ref"
-    assert [r["arm"] for r in result["rows"]] == list(ARMS)
-    assert result["conditions_met"], result["conditions_check"]
-    assert set(result["conditions"]) == {"fixed_tokens", "same_seed", "same_effective_batch"}
-    assert result["conditions"]["fixed_tokens"] == "5,120 tokens in every run (yes)"
-    for row in result["rows"]:
-        run = store.run(ids[row["arm"]])
+    store, ids, _, result, out = knobs
+    assert result == addendum_of(out)  # computed from the records, the same every time
+    assert result.reference == "ref"
+    assert [r.arm for r in result.rows] == list(ARMS)
+    assert result.conditions_met, result.conditions
+    assert set(result.conditions) == {"fixed_tokens", "same_seed", "same_effective_batch"}
+    assert result.conditions["fixed_tokens"].detail == {"planned": [5120], "reached": [5120]}
+    for row in result.rows:
+        run = store.run(ids[row.arm])
+        s = run["summary"]
+        assert row.n == 1
+        # Whole-run figures, the run's own definition (lmlab.analysis.records).
+        assert row.step_time_s == pytest.approx(s["train_s"] / s["steps"])
+        assert row.tokens_per_s == pytest.approx(s["tokens"] / s["train_s"])
+        assert row.tokens_per_s == metric(store, run["run_id"], "tokens_per_s")
         marks = store.metrics(run["run_id"], ["step_time_s"])["step_time_s"]
         first, last = marks[0], marks[-1]  # steady state: after the first log interval
-        assert row["n"] == 1
-        assert row["step_time_s"] == pytest.approx((last.wall_s - first.wall_s) / (last.step - first.step))
-        assert row["tokens_per_s"] == pytest.approx((last.tokens - first.tokens) / (last.wall_s - first.wall_s))
-        assert row["peak_mem_bytes"] == run["summary"]["peak_mem_bytes"]
-        assert row["final_val_loss"] == run["summary"]["final_val_loss"]
-        assert row["final_val_loss"] == store.last_metric(run["run_id"], "val_loss")
-        assert row["tokens_per_s_std"] is not None and row["tokens_per_s_std"] >= 0
-    ref = result["rows"][0]
-    for row in result["rows"][1:]:
-        comp = result["comparisons"][row["arm"]]
-        assert comp["memory_saved_bytes"] == ref["peak_mem_bytes"] - row["peak_mem_bytes"]
-        assert comp["speed_change_pct"] == pytest.approx(
-            100 * (row["tokens_per_s"] / ref["tokens_per_s"] - 1))
-        for key in ("memory_saved", "speed_change", "behaviour"):
-            assert comp["lines"][key] in result["conclusions"][key]
-    assert "accum4: equivalent within tolerance" in result["conclusions"]["behaviour"]
-    assert "% tokens/sec vs ref" in result["conclusions"]["speed_change"]
+        assert row.steady_tokens_per_s == pytest.approx(
+            (last.tokens - first.tokens) / (last.wall_s - first.wall_s))
+        assert row.peak_mem_bytes == s["peak_mem_bytes"]
+        assert row.final_val_loss == store.last_metric(run["run_id"], "val_loss")
+        assert row.tokens_per_s_std is not None and row.tokens_per_s_std >= 0
+    ref = result.rows[0]
+    lines = {c.label: c.lines for c in conclusions(result)}
+    for row, (arm, comp) in zip(result.rows[1:], result.comparisons.items(), strict=True):
+        assert comp.arm == row.arm == arm
+        assert comp.memory_saved_bytes == ref.peak_mem_bytes - row.peak_mem_bytes
+        assert comp.speed_change_pct == pytest.approx(
+            100 * (row.tokens_per_s / ref.tokens_per_s - 1))
+        assert any(line.startswith(f"{arm}: ") for line in lines["Memory saved"])
+    behaviour = "; ".join(lines["Any training behavior difference"])
+    assert "accum4: equivalent within tolerance" in behaviour
+    assert "% tokens/sec vs ref" in "; ".join(lines["Speed change"])
 
 
 def test_a_change_of_model_is_judged_without_a_numerical_tolerance(knobs, tmp_path) -> None:
@@ -208,9 +221,9 @@ def test_a_change_of_model_is_judged_without_a_numerical_tolerance(knobs, tmp_pa
         for arm in ("ref", "wide"):
             cfg = configs["ref"] if arm == "ref" else wide
             train_arm(s2, tmp_path, arm, cfg)
-        beh = systems_addendum(s2)["comparisons"]["wide"]["behaviour"]
-    assert beh["verdict"] == "no_tolerance" and beh["tolerance"] is None
-    assert beh["max_abs_diff"] > 1e-3
+    beh = addendum_of(tmp_path).comparisons["wide"].behaviour
+    assert beh.verdict == "no_tolerance" and beh.tolerance is None
+    assert beh.max_abs_diff is not None and beh.max_abs_diff > 1e-3
 
 
 class _Broken(torch.nn.Module):
@@ -243,8 +256,9 @@ def test_compile_falls_back_to_eager_with_an_event(failure, knobs, tmp_path, mon
         assert len(events) == 1 and "simulated" in events[0]["detail"]["reason"]
         # The fallback is the eager model: the same curve as the uncompiled reference.
         assert max_diff(losses(store, ids["ref"]), losses(s2, run_id)) <= 1e-5
-        result = systems_addendum(s2)
-        assert any("compile" in note for note in result["notes"])
+    result = addendum_of(tmp_path)
+    assert result.compile_fallbacks == [run_id]
+    assert any("compile fell back" in note for note in notes(result))
 
 
 # ---- the spec's measurement conditions --------------------------------------------------------
@@ -345,23 +359,22 @@ def test_memory_experiment_end_to_end_checkpointing_lowers_peak_memory(
     out = tmp_path / "exp"
     result = run_experiment(load_plan(path), out)
     assert set(result["results"].values()) == {"completed"}
-    add = result["addendum"]
+    add = addendum_of(out)
     with Store.open(out) as store:
-        assert store.get_result(RESULT_KEY) == json.loads(json.dumps(add))
         peaks = {r["arm"]: r["summary"]["peak_mem_bytes"] for r in store.runs()}
         kinds = {r["summary"]["peak_mem_kind"] for r in store.runs()}
     assert kinds == {"rss"}
     assert peaks["every_block"] < peaks["none"] - 20 * 2**20, peaks  # at least 20 MiB less
-    rows = {r["arm"]: r for r in add["rows"]}
-    assert rows["none"]["peak_mem_bytes"] == peaks["none"]
-    comp = add["comparisons"]["every_block"]
-    assert comp["memory_saved_bytes"] == peaks["none"] - peaks["every_block"] > 0
-    assert "every_block:" in add["conclusions"]["memory_saved"] and "less than none" in \
-        add["conclusions"]["memory_saved"]
-    beh = comp["behaviour"]
-    assert beh["verdict"] == "equivalent" and beh["max_abs_diff"] <= 1e-5, beh
-    assert add["conditions_met"]
-    print_systems(out)
+    rows = {r.arm: r for r in add.rows}
+    assert rows["none"].peak_mem_bytes == peaks["none"]
+    comp = add.comparisons["every_block"]
+    assert comp.memory_saved_bytes == peaks["none"] - peaks["every_block"] > 0
+    memory = {c.label: c.value for c in conclusions(add)}["Memory saved"]
+    assert "every_block:" in memory and "less than none" in memory
+    beh = comp.behaviour
+    assert beh.verdict == "equivalent" and beh.max_abs_diff <= 1e-5, beh
+    assert add.conditions_met
+    print_addendum(out)
     printed = capsys.readouterr().out
     for text in ("Measurement Conditions", "Tokens/sec", "Memory saved", "every_block",
                  "equivalent within tolerance"):

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lmlab.analysis.records import STATUS_KEYS, RunRecord, load_runs
 from lmlab.config import RunConfig
 from lmlab.store import Store
 from lmlab.train.loop import train
@@ -28,13 +29,17 @@ def tiny_config(articles_data: dict, **overrides: dict) -> RunConfig:
         "schedule": {"warmup_steps": 5},
         "train": {"batch_size": 8, "seq_len": 32},
         "budget": {"steps": 40},
-        "eval": {"every_steps": 10, "max_batches": 8, "log_every_steps": 5,
-                 "checkpoint_every_steps": 10, "test_at_end": False},
-        "diagnostics": {"every_steps": 10},
+        "evaluation": {"every_steps": 10, "max_batches": 8, "test_at_end": False,
+                       "diagnostics": {"every_steps": 10}},
+        "cadence": {"log_every_steps": 5, "checkpoint_every_steps": 10},
     }
     for section, values in overrides.items():
         tree[section] = {**tree.get(section, {}), **values}
     return RunConfig.model_validate(tree)
+
+
+def record(store: Store, run_id: str = "r") -> RunRecord:
+    return next(r for r in load_runs(store) if r.run_id == run_id)
 
 
 def run(cfg: RunConfig, out: Path, run_id: str = "r") -> Store:
@@ -60,8 +65,11 @@ def test_loss_falls_on_real_text_and_every_row_is_complete(tmp_path, articles_da
     assert run_row["status"] == "completed"
     s = run_row["summary"]
     assert s["steps"] == 40 and s["tokens"] == 40 * 256
-    assert s["final_val_loss"] == pytest.approx(val[-1][2])
-    assert s["tokens_per_s"] > 0 and s["peak_mem_bytes"] > 0
+    rec = record(store)
+    assert rec.metrics["final_val_loss"] == val[-1][2] and rec.last_eval.step == 40
+    assert rec.metrics["tokens_per_s"] == pytest.approx(40 * 256 / s["train_s"])
+    assert rec.metrics["peak_mem_bytes"] == s["peak_mem_bytes"] > 0
+    assert rec.stopped_at_step is None
     prov = run_row["provenance"]
     assert prov["corpus"] == "wikitext-2-test-articles" and prov["is_wikitext2"] is False
     assert prov["tokenizer_hash"] and prov["data_hash"] and prov["torch_version"]
@@ -74,7 +82,7 @@ def test_final_evaluation_covers_the_full_split(tmp_path, articles_data):
     """max_batches caps the periodic evaluations; the final one is exact over the whole split."""
     from lmlab.data.tokenize import prepare_data
 
-    cfg = tiny_config(articles_data, budget={"steps": 5}, eval={"every_steps": 100})
+    cfg = tiny_config(articles_data, budget={"steps": 5}, evaluation={"every_steps": 100})
     store = run(cfg, tmp_path)
     data = prepare_data(cfg.data, cfg.tokenizer)
     # perplexity, bits per byte and word perplexity all derive from one total NLL
@@ -112,23 +120,23 @@ def test_killed_run_resumes_to_identical_results(tmp_path, articles_data):
     """SIGKILL a real `lmlab train` after its first checkpoint, rerun it, and compare every
     metric row with an uninterrupted run: nothing duplicated, nothing missing, same values."""
     cfg = tiny_config(articles_data, budget={"steps": 60}, model={"dropout": 0.1},
-                      eval={"checkpoint_every_steps": 10, "every_steps": 20})
+                      cadence={"checkpoint_every_steps": 10}, evaluation={"every_steps": 20})
     config = _write_config(tmp_path / "resume.yaml", cfg)
     # The reference runs the same way (a process with its default threads), uninterrupted.
     ref_cmd = [sys.executable, "-m", "lmlab.cli", "train", str(config), "--out", str(tmp_path / "ref")]
     subprocess.run(ref_cmd, check=True, capture_output=True)
     with Store.open(tmp_path / "ref") as s:
-        reference = _values(s, "resume-seed0")
+        reference = _values(s, "resume-s0")
 
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "lmlab.cli", "train", str(config), "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ckpt = out / "runs" / "resume-seed0" / "checkpoint.pt"
+    ckpt = out / "runs" / "resume-s0" / "checkpoint.pt"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         with Store.open(out) as s:
-            rows = s.metrics("resume-seed0", ["train_loss"]).get("train_loss", []) \
-                if s.run("resume-seed0") else []
+            rows = s.metrics("resume-s0", ["train_loss"]).get("train_loss", []) \
+                if s.run("resume-s0") else []
         if ckpt.exists() and rows and rows[-1].step >= 25:  # past a checkpoint, mid-interval
             break
         time.sleep(0.05)
@@ -136,15 +144,15 @@ def test_killed_run_resumes_to_identical_results(tmp_path, articles_data):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     with Store.open(out) as s:
-        assert s.run("resume-seed0")["status"] == "running"  # killed: nobody marked it
-        assert s.metrics("resume-seed0", ["train_loss"])["train_loss"][-1].step < 60
+        assert s.run("resume-s0")["status"] == "running"  # killed: nobody marked it
+        assert s.metrics("resume-s0", ["train_loss"])["train_loss"][-1].step < 60
 
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     with Store.open(out) as s:
-        resumed = _values(s, "resume-seed0")
-        assert s.run("resume-seed0")["status"] == "completed"
-        assert [e["kind"] for e in s.events("resume-seed0")] == ["resume"]
+        resumed = _values(s, "resume-s0")
+        assert s.run("resume-s0")["status"] == "completed"
+        assert [e["kind"] for e in s.events("resume-s0")] == ["resume"]
     assert resumed == reference
 
 
@@ -180,11 +188,10 @@ def test_cli_train_and_status_json(tmp_path, articles_data):
     assert len(rows) == 1
     row = rows[0]
     with Store.open(out) as s:
-        assert row["final_val_loss"] == s.last_metric("quick-seed0", "val_loss")
+        assert row["final_val_loss"] == s.last_metric("quick-s0", "val_loss")
     assert row["status"] == "completed" and row["steps"] == 10 and row["tokens"] == 10 * 256
-    for key in ("run_id", "arm", "seed", "wall_s", "final_val_ppl", "final_val_bpb",
-                "final_val_word_ppl", "tokens_per_s", "peak_mem_bytes", "events"):
-        assert key in row
+    assert row["stopped_at_step"] is None and row["last_eval"]["step"] == 10
+    assert list(row) == list(STATUS_KEYS)
 
 
 def test_cli_user_errors_exit_2_with_file_line_field(tmp_path):
@@ -212,10 +219,10 @@ def test_a_different_config_never_resumes_another_runs_checkpoint(tmp_path, arti
     cmd = [sys.executable, "-m", "lmlab.cli", "train", str(config), "--out", str(out)]
     assert subprocess.run(cmd, capture_output=True).returncode == 0
     with Store.open(out) as s:
-        before = s.metrics("same-seed0", ["train_loss"])["train_loss"]
+        before = s.metrics("same-s0", ["train_loss"])["train_loss"]
     changed = tiny_config(articles_data, budget={"steps": 5}, optimizer={"lr": 1e-2})
     _write_config(config, changed)
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 2 and "different config" in done.stderr, done.stderr
     with Store.open(out) as s:  # the first run's results are untouched
-        assert s.metrics("same-seed0", ["train_loss"])["train_loss"] == before
+        assert s.metrics("same-s0", ["train_loss"])["train_loss"] == before

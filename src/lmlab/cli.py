@@ -24,37 +24,43 @@ out = Console()
 
 
 def _fmt(value: object, digits: int = 4) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}"
-    return str(value)
+    """A number as the report writes it (lmlab.report.format); anything else as it is."""
+    from lmlab.report.format import sig
+
+    return sig(value, digits) if value is None or isinstance(value, float) else str(value)
 
 
 @app.command()
 def train(
     config: Annotated[Path, typer.Argument(help="a run config YAML (sections data, tokenizer, "
-                                                "model, optimizer, schedule, train, budget, eval)")],
+                                                "model, optimizer, schedule, train, budget, "
+                                                "evaluation, cadence)")],
     out_dir: Annotated[Path | None, typer.Option("--out", help="output directory "
                                                  "(default runs/<config name>)")] = None,
 ) -> None:
     """Train one configuration and record everything about it in DIR/lmlab.sqlite."""
+    from lmlab.analysis.records import load_runs
     from lmlab.config import RunConfig
     from lmlab.execute.local import run_single
-    from lmlab.spec.load import load_yaml, validate
+    from lmlab.identity import run_id
+    from lmlab.names import STORE_FILE, Status
+    from lmlab.spec.load import load_yaml, upgrade_run_doc, validate
+    from lmlab.store import Store
 
-    doc = load_yaml(config)
+    doc = upgrade_run_doc(load_yaml(config))
     cfg = validate(doc, RunConfig)
     out_dir = out_dir or Path("runs") / config.stem
     with doc.located():
-        result = run_single(cfg, out_dir, run_id=f"{config.stem}-seed{cfg.train.seed}",
+        result = run_single(cfg, out_dir, run_id=run_id(config.stem, cfg.train.seed),
                             base=config.parent.resolve())
+    with Store.existing(out_dir) as store:
+        record = next(r for r in load_runs(store) if r.run_id == result.run_id)
     out.print(f"[bold]{result.run_id}[/]: {result.status}")
     for key in ("final_val_loss", "final_val_ppl", "final_val_bpb", "final_val_word_ppl",
                 "tokens_per_s", "peak_mem_bytes"):
-        out.print(f"  {key}: {_fmt(result.summary.get(key))}")
-    out.print(f"results: {out_dir / 'lmlab.sqlite'}   (lmlab status {out_dir})")
-    if result.status not in ("completed",):
+        out.print(f"  {key}: {_fmt(record.metrics.get(key))}")
+    out.print(f"results: {out_dir / STORE_FILE}   (lmlab status {out_dir})")
+    if result.status != Status.COMPLETED:
         raise typer.Exit(1)
 
 
@@ -64,26 +70,27 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable (stable interface)")] = False,
 ) -> None:
     """Per run: status, steps, tokens, final validation metrics, speed, memory, events."""
-    from lmlab.analysis.runs import run_status
+    from lmlab.analysis.records import load_runs, status_row
+    from lmlab.report.format import NA, integer, mib
     from lmlab.store import Store
 
-    if not (directory / "lmlab.sqlite").exists():
-        raise UserError("no lmlab results here (lmlab.sqlite missing)", file=str(directory))
-    with Store.open(directory) as store:
-        rows = run_status(store)
+    with Store.existing(directory) as store:
+        rows = [status_row(r) for r in load_runs(store)]
     if as_json:
         out.print_json(json.dumps(rows))
         return
     table = Table(title=str(directory))
     for col in ("run", "status", "steps", "tokens", "val loss", "val ppl", "bpb", "word ppl",
-                "tok/s", "peak MB", "events"):
+                "tok/s", "peak memory", "events"):
         table.add_column(col)
     for r in rows:
-        events = ", ".join(f"{k}:{v}" for k, v in sorted(r["events"].items())) or "-"
-        peak = r["peak_mem_bytes"] / 2**20 if r["peak_mem_bytes"] else None
-        table.add_row(r["run_id"], r["status"], _fmt(r["steps"]), _fmt(r["tokens"]),
-                      _fmt(r["final_val_loss"]), _fmt(r["final_val_ppl"]), _fmt(r["final_val_bpb"]),
-                      _fmt(r["final_val_word_ppl"]), _fmt(r["tokens_per_s"]), _fmt(peak), events)
+        events = ", ".join(f"{k}:{v}" for k, v in sorted(r["events"].items())) or NA
+        # A run that did not complete has no final metrics: say where it stopped instead.
+        stopped = f" at step {r['stopped_at_step']:,}" if r["stopped_at_step"] is not None else ""
+        table.add_row(r["run_id"], r["status"] + stopped, integer(r["steps"]),
+                      integer(r["tokens"]), _fmt(r["final_val_loss"]), _fmt(r["final_val_ppl"]),
+                      _fmt(r["final_val_bpb"]), _fmt(r["final_val_word_ppl"]),
+                      integer(r["tokens_per_s"]), mib(r["peak_mem_bytes"]), events)
     out.print(table)
 
 
@@ -91,12 +98,6 @@ def _plan(spec: Path):
     from lmlab.spec.expand import load_plan
 
     return load_plan(spec)
-
-
-def spec_field(run_field: str) -> str:
-    from lmlab.spec.expand import spec_field as to_spec
-
-    return to_spec(run_field)
 
 
 def _placeholders(spec: Path) -> list[str]:
@@ -113,9 +114,8 @@ def new(
     force: Annotated[bool, typer.Option(help="overwrite an existing file")] = False,
 ) -> None:
     """Write a new spec: every template section present, with the template's comments."""
-    from importlib.resources import files
-
     from lmlab.spec.schema import Meta
+    from lmlab.spec.template import render
 
     path = Path(name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
     stem = path.stem
@@ -127,8 +127,7 @@ def new(
                         field="--category") from None
     if path.exists() and not force:
         raise UserError("exists already (use --force to overwrite)", file=str(path))
-    text = files("lmlab.spec").joinpath("template.yaml").read_text()
-    path.write_text(text.replace("__NAME__", stem).replace("__CATEGORY__", category))
+    path.write_text(render(stem, category))
     out.print(f"wrote {path}: fill in the __PLACEHOLDERS__, then `lmlab validate {path}`")
 
 
@@ -156,7 +155,7 @@ def plan(
     if no_estimate:
         record = p.to_json()
     else:
-        with console.status("timing a few real steps of each shape..."), p.doc.located(spec_field):
+        with console.status("timing a few real steps of each shape..."), p.doc.located("controlled"):
             record = estimate(p, None, prepare_plan_data(p))
     if as_json:
         out.print_json(json.dumps(record))
@@ -188,7 +187,7 @@ def preflight(
     p = _plan(spec)
     out_dir = out_dir or Path("runs") / p.spec.meta.name
     open_experiment(p, out_dir)
-    with console.status("preflight: overfitting a tiny slice..."), p.doc.located(spec_field):
+    with console.status("preflight: overfitting a tiny slice..."), p.doc.located("controlled"):
         record = run_preflight(p, out_dir)
     table = Table(title="Overfit Sanity (preflight)")
     for col in ("arms", "steps", "initial loss", "final loss", "threshold", "NaN", "grads finite", "result"):
@@ -218,12 +217,13 @@ def run(
 ) -> None:
     """Preflight, then every arm x seed, each in its own process. Rerun to resume."""
     from lmlab.execute.experiment import run_experiment
+    from lmlab.names import STORE_FILE, Status
 
     p = _plan(spec)
     if fallback_corpus is not None:
         p = _with_fallback(p, fallback_corpus)
     out_dir = out_dir or Path("runs") / p.spec.meta.name
-    with p.doc.located(spec_field):
+    with p.doc.located("controlled"):
         result = run_experiment(p, out_dir, skip_preflight=skip_preflight, force_new=force_new,
                                 parallel=parallel)
     if result["moved"]:
@@ -232,8 +232,8 @@ def run(
     for state in result["results"].values():
         counts[state] = counts.get(state, 0) + 1
     out.print(f"{p.spec.meta.name}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
-    out.print(f"results: {out_dir / 'lmlab.sqlite'}   next: lmlab report {out_dir}")
-    if counts.get("interrupted") or counts.get("failed") or counts.get("pending"):
+    out.print(f"results: {out_dir / STORE_FILE}   next: lmlab report {out_dir}")
+    if any(counts.get(s) for s in (Status.INTERRUPTED, Status.FAILED, Status.PENDING)):
         raise typer.Exit(1)
 
 
@@ -289,10 +289,11 @@ def compare(
 @app.command()
 def systems(directory: Annotated[Path, typer.Argument(help="an experiment directory")]) -> None:
     """The Memory / Systems addendum: step time, tokens/sec, peak memory and final val loss per
-    arm against the reference, with memory saved, speed change and behaviour difference."""
-    from lmlab.analysis.systems import print_systems
+    arm against the reference, with memory saved, speed change and behaviour difference
+    (computed from the store, for any experiment with runs)."""
+    from lmlab.report import print_addendum
 
-    print_systems(directory)
+    print_addendum(directory)
 
 
 @app.command()

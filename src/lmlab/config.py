@@ -13,7 +13,6 @@ spec's frozen-control check and the report both walk the tree as a whole.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -200,20 +199,6 @@ class BudgetConfig(_Config):
         return self
 
 
-class EvalConfig(_Config):
-    # Evaluation cadence on the validation split: the first that is set is used.
-    every_tokens: int | None = Field(None, gt=0)
-    every_steps: int | None = Field(None, gt=0)
-    every_seconds: float | None = Field(None, gt=0)
-    # None: the FULL split in non-overlapping windows. A number caps the periodic evaluations
-    # (cheaper curves); the final validation and the test evaluation always use the full split.
-    max_batches: int | None = Field(None, gt=0)
-    batch_size: int = Field(16, ge=1)
-    test_at_end: bool = True
-    log_every_steps: int = Field(10, ge=1)
-    checkpoint_every_steps: int = Field(200, ge=1)
-
-
 class DiagnosticsConfig(_Config):
     """Stability detectors (always on) and optional diagnostics run on a fixed probe batch."""
 
@@ -236,6 +221,30 @@ class DiagnosticsConfig(_Config):
                 or self.attention_entropy or self.update_ratio)
 
 
+class EvaluationConfig(_Config):
+    """How a run is evaluated (template section 5's evaluation protocol) and what it logs besides
+    the core metrics (section 6's diagnostics)."""
+
+    # Cadence on the validation split: the first that is set is used (default: ten evaluations).
+    every_tokens: int | None = Field(None, gt=0)
+    every_steps: int | None = Field(None, gt=0)
+    every_seconds: float | None = Field(None, gt=0)
+    # None: the FULL split in non-overlapping windows. A number caps the periodic evaluations
+    # (cheaper curves); the final validation and the test evaluation always use the full split.
+    max_batches: int | None = Field(None, gt=0)
+    batch_size: int = Field(16, ge=1)
+    test_at_end: bool = True
+    diagnostics: DiagnosticsConfig = DiagnosticsConfig()
+
+
+class CadenceConfig(_Config):
+    """How often a run writes what it has: metric rows (one store transaction per interval, and
+    the interval over which step time and tokens/sec are measured) and checkpoints."""
+
+    log_every_steps: int = Field(10, ge=1)
+    checkpoint_every_steps: int = Field(200, ge=1)
+
+
 class Components(_Config):
     """What builds a run: the sections an experiment spec freezes (its ``controlled``) and whose
     fields its arms may vary."""
@@ -249,11 +258,18 @@ class Components(_Config):
 
 
 class RunConfig(Components):
-    """Everything one training run needs; ``config_hash`` identifies it."""
+    """Everything one training run needs. Its sections are named as a spec names them, so a
+    dotted path (``evaluation.diagnostics.every_steps``) means the same field everywhere.
+    :mod:`lmlab.identity` says which fields make a run what it is."""
 
     budget: BudgetConfig = BudgetConfig(steps=100)
-    eval: EvalConfig = EvalConfig()
-    diagnostics: DiagnosticsConfig = DiagnosticsConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    cadence: CadenceConfig = CadenceConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upgrade(cls, data: Any) -> Any:
+        return upgrade_run_tree(data) if isinstance(data, dict) else data
 
     @model_validator(mode="after")
     def _positions_cover_seq_len(self) -> RunConfig:
@@ -267,7 +283,34 @@ class RunConfig(Components):
 
     @property
     def config_hash(self) -> str:
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+        from lmlab.identity import digest
+
+        return digest(self)
+
+
+# lmlab 0.1 named two sections differently: ``eval`` (which also held the log and checkpoint
+# cadences) and a top-level ``diagnostics``. Trees of that shape (old stores, old config files)
+# are moved to today's sections on the way in.
+LEGACY_CADENCE_KEYS = ("log_every_steps", "checkpoint_every_steps")
+
+
+def upgrade_run_tree(tree: dict[str, Any]) -> dict[str, Any]:
+    """A RunConfig tree in lmlab 0.1's shape, moved to today's sections (a copy; a tree already
+    in today's shape is returned as it is)."""
+    if "eval" not in tree and "diagnostics" not in tree:
+        return tree
+    tree = dict(tree)
+    evaluation = dict(tree.pop("eval", None) or {})
+    cadence = dict(tree.get("cadence") or {})
+    for key in LEGACY_CADENCE_KEYS:
+        if key in evaluation:
+            cadence[key] = evaluation.pop(key)
+    if "diagnostics" in tree:
+        evaluation["diagnostics"] = tree.pop("diagnostics")
+    tree["evaluation"] = {**evaluation, **(tree.get("evaluation") or {})}
+    if cadence:
+        tree["cadence"] = cadence
+    return tree
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -38,7 +38,8 @@ import numpy as np
 from scipy import stats as st
 
 from lmlab.analysis.stats import seeds_needed, summarize, welch
-from lmlab.analysis.summary import COUNT_METRICS, ArmSummary, Experiment, same_config
+from lmlab.analysis.summary import ArmSummary, Experiment, same_config
+from lmlab.names import EVENT_METRICS
 from lmlab.spec.schema import Check
 
 Outcome = Literal["supported", "refuted", "inconclusive"]
@@ -220,7 +221,7 @@ def _against_value(check: Check, a: list[float]) -> CheckResult:
     value = float(check.value)  # type: ignore[arg-type]
     if not a:
         return _no_data(check, f"no seed of {check.arm} has a defined {check.metric}")
-    if check.op == "==" or check.metric in COUNT_METRICS:
+    if check.op == "==" or check.metric in EVENT_METRICS:
         ok = [_holds(x, check.op, value, check.margin) for x in a]
         verdict: Outcome = "supported" if all(ok) else "refuted"
         claim = (f"within ±{check.margin:g} of {value:g}" if check.op == "==" and check.margin

@@ -29,10 +29,13 @@ import torch
 from lmlab.config import RunConfig
 from lmlab.data.batches import iter_eval_batches
 from lmlab.data.tokenize import DataBundle
+from lmlab.identity import digest
+from lmlab.names import STEP_TIME
 from lmlab.spec.expand import Plan, PlannedRun
 from lmlab.store import Store
 from lmlab.train.diagnostics import Diagnostics
-from lmlab.train.loop import build_run_model, evaluate, resolve_device
+from lmlab.train.evaluate import evaluate
+from lmlab.train.step import build_run_model, resolve_device
 
 PROBE_STEPS = 12  # timed steps per shape; the first few are warm-up and are dropped
 WARMUP_STEPS = 4
@@ -47,26 +50,17 @@ class ShapeTiming:
     probe_s: float  # one diagnostics probe
 
 
-def _shape_key(cfg: RunConfig) -> str:
-    """Everything that changes the cost of a step (not the lr, not the seed)."""
-    tree = cfg.model_dump(mode="json")
-    tree["optimizer"].pop("lr", None)
-    tree["schedule"] = None
-    tree["train"]["seed"] = 0
-    tree["budget"] = tree["eval"]["every_tokens"] = tree["eval"]["every_steps"] = None
-    tree["eval"]["every_seconds"] = None
-    return repr(sorted(tree.items()))
-
-
 def time_shape(cfg: RunConfig, data: DataBundle, base: Path | None = None) -> ShapeTiming:
     # A short real run without diagnostics: its time is set-up, steps, the step-0 evaluation and
     # the final (full) one, each of which is also timed on its own below.
     tree = cfg.model_dump(mode="json")
     tree["budget"] = {"steps": PROBE_STEPS}
-    tree["eval"].update(every_steps=10**9, every_tokens=None, every_seconds=None,
-                        log_every_steps=1, checkpoint_every_steps=10**9, test_at_end=False)
-    tree["diagnostics"].update(layer_grad_norms=False, norm_grad_norms=False,
-                               activation_norms=False, attention_entropy=False, update_ratio=False)
+    tree["evaluation"].update(every_steps=10**9, every_tokens=None, every_seconds=None,
+                              test_at_end=False)
+    tree["evaluation"]["diagnostics"].update(
+        layer_grad_norms=False, norm_grad_norms=False, activation_norms=False,
+        attention_entropy=False, update_ratio=False)
+    tree["cadence"] = {"log_every_steps": 1, "checkpoint_every_steps": 10**9}
     probe_cfg = RunConfig.model_validate(tree)
     with tempfile.TemporaryDirectory() as tmp:
         with Store.open(Path(tmp)) as store:
@@ -80,7 +74,7 @@ def time_shape(cfg: RunConfig, data: DataBundle, base: Path | None = None) -> Sh
         subprocess.run(cmd, check=True, capture_output=True)
         total = time.perf_counter() - t0
         with Store.open(Path(tmp)) as store:
-            rows = store.metrics("estimate", ["step_time_s"]).get("step_time_s", [])
+            rows = store.metrics("estimate", [STEP_TIME]).get(STEP_TIME, [])
     times = [r.value for r in rows[WARMUP_STEPS:]] or [r.value for r in rows]
     step_s = statistics.median(times)
 
@@ -90,14 +84,14 @@ def time_shape(cfg: RunConfig, data: DataBundle, base: Path | None = None) -> Sh
     def timed_eval(max_batches: int | None) -> float:
         t0 = time.perf_counter()
         evaluate(model, data.splits["valid"], data.stats["valid"], cfg.train.seq_len,
-                 cfg.eval.batch_size, max_batches, device, cfg.train.precision)
+                 cfg.evaluation.batch_size, max_batches, device, cfg.train.precision)
         return time.perf_counter() - t0
 
     final_eval_s = timed_eval(None)
-    eval_s = timed_eval(cfg.eval.max_batches) if cfg.eval.max_batches else final_eval_s
+    eval_s = timed_eval(cfg.evaluation.max_batches) if cfg.evaluation.max_batches else final_eval_s
     probe_x = next(iter_eval_batches(data.splits["valid"], cfg.train.seq_len, 4, 1))[0].to(device)
     t0 = time.perf_counter()
-    Diagnostics(cfg.diagnostics, model, probe_x).probe()
+    Diagnostics(cfg.evaluation.diagnostics, model, probe_x).probe()
     probe_s = time.perf_counter() - t0
     setup_s = max(0.0, total - step_s * PROBE_STEPS - eval_s - final_eval_s)
     model.to("cpu")  # give the accelerator back before the next shape is timed
@@ -109,7 +103,7 @@ def time_shape(cfg: RunConfig, data: DataBundle, base: Path | None = None) -> Sh
 
 def _n_periodic_evals(run: PlannedRun, steps: int) -> int:
     """Evaluations before the final one: the step-0 pass and those the cadence triggers."""
-    e, b = run.config.eval, run.config.budget
+    e, b = run.config.evaluation, run.config.budget
     if e.every_steps:
         n = (steps - 1) // e.every_steps
     elif e.every_tokens and b.tokens:
@@ -131,8 +125,9 @@ def estimate_run(run: PlannedRun, t: ShapeTiming, test_split_ratio: float) -> fl
         steps = None
     train_s = steps * t.step_s if steps is not None else cfg.budget.wall_clock_s or 0.0
     n_steps = steps if steps is not None else int(train_s / t.step_s)
-    probes = -(-n_steps // cfg.diagnostics.every_steps) if cfg.diagnostics.any_probe else 0
-    test_s = t.final_eval_s * test_split_ratio if cfg.eval.test_at_end else 0.0
+    diag = cfg.evaluation.diagnostics
+    probes = -(-n_steps // diag.every_steps) if diag.any_probe else 0
+    test_s = t.final_eval_s * test_split_ratio if cfg.evaluation.test_at_end else 0.0
     return (t.setup_s + train_s + _n_periodic_evals(run, n_steps) * t.eval_s
             + t.final_eval_s + probes * t.probe_s + test_s)
 
@@ -143,7 +138,7 @@ def estimate_plan(plan: Plan, data: DataBundle) -> dict[str, float]:
     ratio = len(data.splits["test"]) / max(len(data.splits["valid"]), 1)
     out: dict[str, float] = {}
     for run in plan.runs:
-        key = _shape_key(run.config)
+        key = digest(run.config, "cost")
         if key not in timings:
             timings[key] = time_shape(run.config, data, plan.base)
         out[run.run_id] = estimate_run(run, timings[key], ratio)

@@ -20,7 +20,9 @@ from lmlab.data.tokenize import DataBundle, prepare_data
 from lmlab.errors import UserError
 from lmlab.execute.estimate import estimate_plan
 from lmlab.execute.local import run_sweep
-from lmlab.spec.expand import Plan, addendum_requested
+from lmlab.identity import same
+from lmlab.names import RESULT_PLAN, RESULT_PREFLIGHT, RESULT_SPEC, STORE_FILE, Event
+from lmlab.spec.expand import Plan
 from lmlab.store import Store
 from lmlab.train.preflight import overfit, preflight_config, preflight_key
 
@@ -51,12 +53,12 @@ def open_experiment(plan: Plan, out_dir: Path, *, force_new: bool = False) -> Pa
     """Record the spec and plan in ``out_dir``; refuse to mix two designs. Returns where an
     older experiment was moved to when ``force_new`` had to move one."""
     moved = None
-    db = out_dir / "lmlab.sqlite"
-    if db.exists():
+    if (out_dir / STORE_FILE).exists():
         with Store.open(out_dir) as store:
-            existing = {r["run_id"]: r["config_hash"] for r in store.runs()}
-        planned = {r.run_id: r.config.config_hash for r in plan.runs}
-        changed = sorted(rid for rid, h in existing.items() if planned.get(rid) != h)
+            existing = {r["run_id"]: r["config"] for r in store.runs()}
+        planned = {r.run_id: r.config for r in plan.runs}
+        changed = sorted(rid for rid, cfg in existing.items()
+                         if rid not in planned or not same(cfg, planned[rid]))
         if changed and not force_new:
             raise UserError(
                 f"{out_dir} holds a different design: runs {', '.join(changed[:5])}"
@@ -67,12 +69,12 @@ def open_experiment(plan: Plan, out_dir: Path, *, force_new: bool = False) -> Pa
             moved = _archive(out_dir)
     text = plan.doc.path.read_text()
     with Store.open(out_dir) as store:
-        store.put_result("experiment/spec", {
+        store.put_result(RESULT_SPEC, {
             "path": str(plan.doc.path), "text": text,
             "hash": hashlib.sha256(text.encode()).hexdigest()[:16],
             "spec": plan.spec.model_dump(mode="json"),
         })
-        previous = store.get_result("experiment/plan") or {}
+        previous = store.get_result(RESULT_PLAN) or {}
         record = plan.to_json()
         estimates = {r["run_id"]: r.get("estimate_s") for r in previous.get("runs", [])}
         for r in record["runs"]:
@@ -80,7 +82,7 @@ def open_experiment(plan: Plan, out_dir: Path, *, force_new: bool = False) -> Pa
         # A grown experiment (more seeds or arms) is estimated again as a whole.
         known = all(r["estimate_s"] is not None for r in record["runs"])
         record["estimate_total_s"] = previous.get("estimate_total_s") if known else None
-        store.put_result("experiment/plan", record)
+        store.put_result(RESULT_PLAN, record)
         for r in plan.runs:
             store.add_run(r.run_id, r.arm, r.seed, r.config.to_json(), r.config.config_hash)
     return moved
@@ -101,7 +103,7 @@ def estimate(plan: Plan, out_dir: Path | None, data: DataBundle) -> dict[str, An
     record["estimate_total_s"] = sum(estimates.values())
     if out_dir is not None:
         with Store.open(out_dir) as store:
-            store.put_result("experiment/plan", record)
+            store.put_result(RESULT_PLAN, record)
     return record
 
 
@@ -125,8 +127,8 @@ def run_preflight(plan: Plan, out_dir: Path, data: DataBundle | None = None) -> 
         configs.append(result.to_json())
     record = {"passed": all(c["passed"] for c in configs), "configs": configs}
     with Store.open(out_dir) as store:
-        store.put_result("experiment/preflight", record)
-        store.log_event(None, 0, 0, 0.0, "preflight",
+        store.put_result(RESULT_PREFLIGHT, record)
+        store.log_event(None, 0, 0, 0.0, Event.PREFLIGHT,
                         {"passed": record["passed"],
                          "failed_arms": [a for c in configs if not c["passed"] for a in c["arms"]]})
     return record
@@ -143,8 +145,8 @@ def run_experiment(plan: Plan, out_dir: Path, *, skip_preflight: bool = False,
     moved = open_experiment(plan, out_dir, force_new=force_new)
     data = prepare_plan_data(plan)
     with Store.open(out_dir) as store:
-        planned = store.get_result("experiment/plan") or {}
-        have_preflight = store.get_result("experiment/preflight")
+        planned = store.get_result(RESULT_PLAN) or {}
+        have_preflight = store.get_result(RESULT_PREFLIGHT)
     if planned.get("estimate_total_s") is None:
         estimate(plan, out_dir, data)
     preflight = have_preflight
@@ -161,12 +163,4 @@ def run_experiment(plan: Plan, out_dir: Path, *, skip_preflight: bool = False,
                                  "; ".join(failed) + ": fix the configuration, or rerun with "
                                  "--skip-preflight")
     results = run_sweep(plan.runs, out_dir, base=plan.base, parallel=parallel)
-    addendum = None
-    if addendum_requested(plan.spec):
-        # The Memory / Systems addendum, from what the runs stored, stored beside them for the
-        # report (imported here: analysis reads the store after execution, never the reverse).
-        from lmlab.analysis.systems import systems_addendum
-
-        with Store.open(out_dir) as store:
-            addendum = systems_addendum(store)
-    return {"results": results, "preflight": preflight, "moved": moved, "addendum": addendum}
+    return {"results": results, "preflight": preflight, "moved": moved}

@@ -35,6 +35,8 @@ from rich.progress import (
 
 from lmlab.config import RunConfig
 from lmlab.errors import UserError
+from lmlab.identity import same
+from lmlab.names import FINISHED, RUNS_DIR, TOKENS_PER_S, TRAIN_LOSS, VAL_LOSS, Status
 from lmlab.spec.expand import PlannedRun
 from lmlab.store import Store
 from lmlab.train.loop import LogLine, RunResult, train
@@ -83,11 +85,11 @@ def run_single(cfg: RunConfig, out_dir: Path, run_id: str, *, base: Path | None 
     out_dir.mkdir(parents=True, exist_ok=True)
     with Store.open(out_dir) as store, stop_on_signals() as stop, _progress() as progress:
         existing = store.run(run_id)
-        if existing is not None and existing["config_hash"] != cfg.config_hash:
+        if existing is not None and not same(existing["config"], cfg):
             raise UserError(f"{out_dir} already holds run {run_id} of a different config: its "
                             "results stay; train this one with another --out")
-        if existing is not None and existing["status"] == "completed":  # nothing left to do
-            return RunResult(run_id, "completed", existing.get("summary") or {})
+        if existing is not None and existing["status"] == Status.COMPLETED:  # nothing left to do
+            return RunResult(run_id, Status.COMPLETED, existing.get("summary") or {})
         store.add_run(run_id, arm, cfg.train.seed, cfg.to_json(), cfg.config_hash)
         task = progress.add_task(run_id, total=TICKS, info="")
 
@@ -98,13 +100,13 @@ def run_single(cfg: RunConfig, out_dir: Path, run_id: str, *, base: Path | None 
             progress.update(task, completed=int(line.progress * TICKS), info=info)
 
         try:
-            return train(cfg, run_id, store, out_dir / "runs" / run_id, base=base,
+            return train(cfg, run_id, store, out_dir / RUNS_DIR / run_id, base=base,
                          on_log=on_log, should_stop=stop.is_set)
         except KeyboardInterrupt:
-            store.set_status(run_id, "interrupted")
+            store.set_status(run_id, Status.INTERRUPTED)
             raise
         except Exception as e:
-            store.set_status(run_id, "failed", error=f"{type(e).__name__}: {e}")
+            store.set_status(run_id, Status.FAILED, error=f"{type(e).__name__}: {e}")
             raise
 
 
@@ -126,7 +128,7 @@ def run_sweep(runs: list[PlannedRun], out_dir: Path, *, base: Path | None = None
         for r in runs:
             store.add_run(r.run_id, r.arm, r.seed, r.config.to_json(), r.config.config_hash)
         done = {row["run_id"]: row["status"] for row in store.runs()}
-    todo = [r for r in runs if done.get(r.run_id) not in ("completed", "diverged", "over_budget")]
+    todo = [r for r in runs if done.get(r.run_id) not in FINISHED]
     results = {r.run_id: done[r.run_id] for r in runs if r not in todo}
 
     with stop_on_signals() as stop, _progress() as progress, Store.open(out_dir) as store:
@@ -149,7 +151,7 @@ def run_sweep(runs: list[PlannedRun], out_dir: Path, *, base: Path | None = None
                     cmd += ["--base", str(base)]
                 # stderr to a file, never a pipe: a chatty worker (compile logs) would block
                 # on a full pipe that is only read when it exits.
-                log = out_dir / "runs" / run.run_id / "worker.log"
+                log = out_dir / RUNS_DIR / run.run_id / "worker.log"
                 log.parent.mkdir(parents=True, exist_ok=True)
                 with open(log, "ab") as stderr:
                     proc = subprocess.Popen(cmd, env=env, stderr=stderr, start_new_session=True)
@@ -168,13 +170,13 @@ def run_sweep(runs: list[PlannedRun], out_dir: Path, *, base: Path | None = None
                 progress.update(task, completed=int(frac * TICKS), info=_run_info(store, run_id))
                 if proc.poll() is None:
                     continue
-                stderr = (out_dir / "runs" / run_id / "worker.log").read_text(errors="replace")
+                stderr = (out_dir / RUNS_DIR / run_id / "worker.log").read_text(errors="replace")
                 row = store.run(run_id) or {}
-                state = row.get("status", "failed")
-                if proc.returncode != 0 and state in ("running", "pending"):
-                    state = "interrupted" if stop.is_set() else "failed"
+                state = row.get("status", Status.FAILED)
+                if proc.returncode != 0 and state in (Status.RUNNING, Status.PENDING):
+                    state = Status.INTERRUPTED if stop.is_set() else Status.FAILED
                     store.set_status(run_id, state, error=stderr[-4000:])
-                if state == "failed":
+                if state == Status.FAILED:
                     console.print(f"[red]{run_id} failed[/]\n{stderr[-2000:]}")
                 results[run_id] = state
                 progress.update(task, completed=TICKS, info=state)
@@ -182,20 +184,20 @@ def run_sweep(runs: list[PlannedRun], out_dir: Path, *, base: Path | None = None
                 del active[run_id]
                 free.append(slot)
     for r in runs:
-        results.setdefault(r.run_id, "pending")
+        results.setdefault(r.run_id, Status.PENDING)
     return results
 
 
 def _run_progress(store: Store, run_id: str, runs: list[PlannedRun]) -> float:
     budget = next(r.config.budget for r in runs if r.run_id == run_id)
-    rows = store.metrics(run_id, ["train_loss"]).get("train_loss", [])
+    rows = store.metrics(run_id, [TRAIN_LOSS]).get(TRAIN_LOSS, [])
     return budget.progress(*rows[-1][:3]) if rows else 0.0
 
 
 def _run_info(store: Store, run_id: str) -> str:
-    loss = store.last_metric(run_id, "train_loss")
-    tok_s = store.last_metric(run_id, "tokens_per_s")
-    val = store.last_metric(run_id, "val_loss")
+    loss = store.last_metric(run_id, TRAIN_LOSS)
+    tok_s = store.last_metric(run_id, TOKENS_PER_S)
+    val = store.last_metric(run_id, VAL_LOSS)
     parts = []
     if loss is not None:
         parts.append(f"loss {loss:.3f}")

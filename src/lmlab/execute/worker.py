@@ -15,6 +15,7 @@ from pathlib import Path
 from lmlab.config import RunConfig
 from lmlab.errors import UserError
 from lmlab.execute.local import stop_on_signals
+from lmlab.names import RUNS_DIR, Status
 from lmlab.store import Store
 from lmlab.train.loop import train
 
@@ -33,20 +34,20 @@ def main(argv: list[str] | None = None) -> int:
         cfg = RunConfig.model_validate(row["config"])
         try:
             with stop_on_signals() as stop:
-                result = train(cfg, args.run_id, store, args.out_dir / "runs" / args.run_id,
+                result = train(cfg, args.run_id, store, args.out_dir / RUNS_DIR / args.run_id,
                                base=args.base, should_stop=stop.is_set)
         except UserError as e:
-            store.set_status(args.run_id, "failed", error=str(e))
+            store.set_status(args.run_id, Status.FAILED, error=str(e))
             print(f"error: {e}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
-            store.set_status(args.run_id, "interrupted")
+            store.set_status(args.run_id, Status.INTERRUPTED)
             return 130
         except BaseException as e:
-            store.set_status(args.run_id, "failed", error=f"{type(e).__name__}: {e}")
+            store.set_status(args.run_id, Status.FAILED, error=f"{type(e).__name__}: {e}")
             traceback.print_exc()
             return 1
-    return 130 if result.status == "interrupted" else 0
+    return 130 if result.status == Status.INTERRUPTED else 0
 
 
 if __name__ == "__main__":

@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmlab.analysis.records import load_runs, status_row
 from lmlab.config import flatten
 from lmlab.errors import UserError
+from lmlab.names import RESULT_SPEC
 from lmlab.store import Store
 
 TARGETS = ("tensorboard", "wandb", "mlflow")
@@ -39,21 +41,25 @@ class RunExport:
 
 
 def experiment_name(store: Store, out_dir: Path) -> str:
-    spec = store.get_result("experiment/spec")
+    spec = store.get_result(RESULT_SPEC)
     return spec["spec"]["meta"]["name"] if spec else out_dir.resolve().name
 
 
 def iter_runs(store: Store) -> Iterator[RunExport]:
-    for run in store.runs():
+    """Every run, with its summary as the status JSON defines it (final metrics only for a
+    completed run, ``stopped_at_step`` and the last evaluation otherwise)."""
+    for run in load_runs(store):
         by_step: dict[int, dict[str, float]] = defaultdict(dict)
-        for name, rows in store.metrics(run["run_id"]).items():
+        for name, rows in run.curves.items():
             for r in rows:
                 by_step[r.step][name] = r.value
                 by_step[r.step]["tokens"] = float(r.tokens)
+        summary = {k: v for k, v in status_row(run).items()
+                   if k not in ("run_id", "arm", "seed", "status", "events")}
         yield RunExport(
-            run_id=run["run_id"], arm=run["arm"], seed=run["seed"], status=run["status"],
-            params=flatten(run["config"] or {}), by_step=dict(sorted(by_step.items())),
-            events=store.events(run["run_id"]), summary=run.get("summary") or {},
+            run_id=run.run_id, arm=run.arm, seed=run.seed, status=str(run.status),
+            params=flatten(run.config), by_step=dict(sorted(by_step.items())),
+            events=run.events, summary=run.summary | summary,
         )
 
 
@@ -69,10 +75,8 @@ def export(out_dir: Path, target: str, dest: Path | None = None) -> Path | str:
     """Copy the experiment in ``out_dir`` to ``target``; returns where it went."""
     if target not in TARGETS:
         raise UserError(f"unknown export target '{target}' (choose {', '.join(TARGETS)})", field="--to")
-    if not (out_dir / "lmlab.sqlite").exists():
-        raise UserError("no lmlab results here (lmlab.sqlite missing)", file=str(out_dir))
     module = importlib.import_module(f"lmlab.export.{target}_export")
-    with Store.open(out_dir) as store:
+    with Store.existing(out_dir) as store:
         name = experiment_name(store, out_dir)
         runs = list(iter_runs(store))
     return module.write(name, runs, dest or out_dir / f"{target}")

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from lmlab.export import RunExport, require
+from lmlab.names import Status
 
 _BATCH = 1000  # MLflow's log_batch limit on metrics per call
 
@@ -46,5 +47,5 @@ def write(name: str, runs: list[RunExport], dest: Path) -> Path | str:
         for i in range(0, len(metrics), _BATCH):
             client.log_batch(rid, metrics=metrics[i:i + _BATCH])
         client.log_dict(rid, {"events": run.events, "summary": run.summary}, "lmlab_run.json")
-        client.set_terminated(rid, status="FINISHED" if run.status == "completed" else "FAILED")
+        client.set_terminated(rid, status="FINISHED" if run.status == Status.COMPLETED else "FAILED")
     return uri

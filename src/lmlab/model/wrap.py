@@ -5,6 +5,7 @@ top that an experiment can switch on and off)."""
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -68,3 +69,36 @@ def maybe_compile(model: nn.Module, mode: CompileMode) -> tuple[nn.Module, str |
     except Exception as e:  # e.g. a Python version this torch build's dynamo doesn't know
         return model, f"torch.compile unavailable: {type(e).__name__}: {e}"
     return compiled, None
+
+
+class CompileFallback:
+    """The module a training step calls: ``torch.compile(model)`` until compiling fails, then the
+    eager ``model`` for good. Failing can happen at compile time (no dynamo on this platform) or
+    lazily at the first call (no C++ compiler for inductor, an unsupported op); either way
+    ``on_fallback`` is told why, once, and training goes on.
+
+    The first call is watched; after one call succeeds the compiled module is trusted and
+    called directly. Parameters are shared with ``model``: save checkpoints, build optimizer
+    groups and evaluate from ``model``, not from the compiled wrapper.
+    """
+
+    def __init__(self, model: nn.Module, mode: CompileMode,
+                 on_fallback: Callable[[str], None]) -> None:
+        self.eager = model
+        self.on_fallback = on_fallback
+        self.fn, note = maybe_compile(model, mode)
+        if note is not None:
+            on_fallback(note)
+        self.trusted = mode == "off" or note is not None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.trusted:
+            return self.fn(x)
+        try:
+            out = self.fn(x)
+        except Exception as e:  # e.g. torch._dynamo / inductor errors on the first real call
+            self.on_fallback(f"{type(e).__name__}: {e}"[:2000])
+            self.fn = self.eager
+            out = self.fn(x)
+        self.trusted = True
+        return out

@@ -203,10 +203,12 @@ def build_optimizer(cfg: OptimizerConfig, model: nn.Module,
     return opt
 
 
-def set_lr(optimizer: torch.optim.Optimizer, multiplier: float) -> None:
-    """Set every group's lr to ``base_lr * lr_mult * multiplier`` (the schedule's value)."""
+def set_lr(optimizer: torch.optim.Optimizer, multiplier: float) -> float:
+    """Set every group's lr to ``base_lr * lr_mult * multiplier`` (the schedule's value); returns
+    the first group's, the lr a run logs."""
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * group["lr_mult"] * multiplier
+    return optimizer.param_groups[0]["lr"]
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:

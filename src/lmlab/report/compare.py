@@ -15,15 +15,16 @@ from pathlib import Path
 
 from rich.table import Table as RichTable
 
+from lmlab.analysis.findings import memory_kind
 from lmlab.analysis.summary import ArmSummary, Experiment, load_experiment, summarize_arms
-from lmlab.report.content import NA, memory_label, metric_pm
-from lmlab.report.render import md_cell
+from lmlab.config import flatten
+from lmlab.report.format import NA, SUMMARY_METRICS, Table, memory_label, metric_pm
+from lmlab.report.markdown import md_cell, md_table
+from lmlab.report.terminal import rich_table
 from lmlab.store import hardware_summary
 
 COLUMNS = ("Experiment", "Arm", "n", "Final val loss", "PPL", "Bits/byte", "Word PPL",
            "Tokens/sec", "Peak memory")
-_METRICS = ("final_val_loss", "final_val_ppl", "final_val_bpb", "final_val_word_ppl",
-            "tokens_per_s", "peak_mem_bytes")
 
 
 @dataclass
@@ -33,22 +34,17 @@ class Comparison:
     notes: list[str]
     comparable: bool  # False when corpus or tokenizer differ: losses are not on one scale
 
+    def _table(self) -> Table:
+        return Table(list(COLUMNS), self.rows, ["l", "l"] + ["r"] * (len(COLUMNS) - 2))
+
     def table(self) -> RichTable:
         """For the terminal (``rich.console.Console().print``)."""
-        t = RichTable(title=f"{self.names[0]} vs {self.names[1]}",
-                      caption="\n".join(self.notes) or None, caption_justify="left")
-        for col in COLUMNS:
-            t.add_column(col, justify="left" if col in ("Experiment", "Arm") else "right")
-        for row in self.rows:
-            t.add_row(*row)
-        return t
+        return rich_table(self._table(), title=f"{self.names[0]} vs {self.names[1]}",
+                          caption="\n".join(self.notes) or None)
 
     def markdown(self) -> str:
         lines = [f"## {md_cell(self.names[0])} vs {md_cell(self.names[1])}", "",
-                 "| " + " | ".join(COLUMNS) + " |",
-                 "| " + " | ".join("---" if c in ("Experiment", "Arm") else "---:"
-                                   for c in COLUMNS) + " |"]
-        lines += ["| " + " | ".join(md_cell(c) for c in row) + " |" for row in self.rows]
+                 md_table(self._table())]
         if self.notes:
             lines += [""] + [f"- {md_cell(n)}" for n in self.notes]
         return "\n".join(lines) + "\n"
@@ -69,8 +65,8 @@ def compare(dir_a: Path | str, dir_b: Path | str) -> Comparison:
 
 
 def _rows(name: str, arms: Mapping[str, ArmSummary]) -> list[list[str]]:
-    return [[name, arm, str(a.stats["final_val_loss"].n)] + [metric_pm(a, m) for m in _METRICS]
-            for arm, a in arms.items()]
+    return [[name, arm, str(a.stats["final_val_loss"].n)]
+            + [metric_pm(a, m) for m in SUMMARY_METRICS] for arm, a in arms.items()]
 
 
 def _fingerprint(exp: Experiment, keys: tuple[str, ...]) -> set[tuple]:
@@ -97,16 +93,16 @@ def _notes(a: Experiment, b: Experiment) -> tuple[list[str], bool]:
     if hw_a and hw_b and hw_a != hw_b:
         notes.append(f"Different hardware ({', '.join(sorted(hw_a))} vs {', '.join(sorted(hw_b))}):"
                      " tokens/sec and memory are not comparable.")
-    mem_a, mem_b = memory_label(a), memory_label(b)
+    mem_a, mem_b = memory_label(memory_kind(a)), memory_label(memory_kind(b))
     if mem_a != mem_b:
         notes.append(f"Peak memory is measured differently ({mem_a} vs {mem_b}).")
     else:
         notes.append(f"Peak memory column: {mem_a}.")
-    caps = [frozenset((r.config.get("eval") or {}).get("max_batches") for r in e.runs)
+    caps = [frozenset(flatten(r.config).get("evaluation.max_batches") for r in e.runs)
             for e in (a, b)]
     if caps[0] != caps[1]:
-        notes.append("The validation protocols differ (eval.max_batches): validation numbers "
-                     "are over different amounts of text.")
+        notes.append("The validation protocols differ (evaluation.max_batches): validation "
+                     "numbers are over different amounts of text.")
     if not a.runs or not b.runs:
         notes.append("One of the experiments has no runs yet.")
     return notes, comparable

@@ -27,23 +27,30 @@ from matplotlib.figure import Figure as MplFigure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter
 
-from lmlab.analysis.summary import (
-    X_LABEL,
-    ArmSummary,
-    Curve,
-    Experiment,
-    arm_curves,
-    combined_norm,
-    seed_curve,
+from lmlab.analysis.curves import Curve, arm_curves, combined_norm, seed_curve
+from lmlab.analysis.summary import X_LABEL, ArmSummary, Experiment
+from lmlab.names import (
+    DIAG_ACT_RMS,
+    DIAG_ATTN_ENTROPY,
+    DIAG_BLOCK_GRAD,
+    DIAG_NORM_GRAD,
+    DIAG_UPDATE_RATIO,
+    GRAD_NORM,
+    PEAK_MEM,
+    TOKENS_PER_S,
+    TRAIN_LOSS,
+    VAL_LOSS,
+    Event,
+    Status,
 )
 
 DPI = 110
 # One colour per arm, stable across every figure of a report.
 _PALETTE = list(colormaps["tab10"].colors) + list(colormaps["Dark2"].colors)
 _EVENT_STYLE = {
-    "spike": {"marker": "^", "label": "loss spike"},
-    "divergence": {"marker": "X", "label": "divergence"},
-    "nan": {"marker": "*", "label": "NaN / non-finite (run stopped)"},
+    Event.SPIKE: {"marker": "^", "label": "loss spike"},
+    Event.DIVERGENCE: {"marker": "X", "label": "divergence"},
+    Event.NAN: {"marker": "*", "label": "NaN / non-finite (run stopped)"},
 }
 _BLOCK_STYLES = ["-", "--", ":", "-."]
 
@@ -110,7 +117,7 @@ def _diverged_seeds(ax: Axes, exp: Experiment, metric: str, x_key: str,
                     colors: Mapping[str, Any]) -> bool:
     drew = False
     for run in exp.runs:
-        if run.status != "diverged":
+        if run.status != Status.DIVERGED:
             continue
         xy = seed_curve(run, metric, x_key)
         if xy is None:
@@ -210,7 +217,7 @@ def _legend(fig: MplFigure, colors: Mapping[str, Any], arms: Sequence[str], extr
 def _event_handles(kinds: set[str], diverged: bool) -> list[Line2D]:
     out = [Line2D([], [], ls="none", marker=_EVENT_STYLE[k]["marker"], color="white",
                   markeredgecolor="black", ms=8, label=_EVENT_STYLE[k]["label"])
-           for k in ("spike", "divergence", "nan") if k in kinds]
+           for k in _EVENT_STYLE if k in kinds]
     if diverged:
         out.append(Line2D([], [], color="grey", ls="--", lw=1, label="diverged seed"))
     return out
@@ -221,21 +228,21 @@ def _event_handles(kinds: set[str], diverged: bool) -> list[Line2D]:
 
 def _loss_figure(exp: Experiment, colors: Mapping[str, Any], out: Path, x_key: str,
                  key: str) -> Figure | None:
-    train = arm_curves(exp, "train_loss", x_key)
-    val = arm_curves(exp, "val_loss", x_key)
+    train = arm_curves(exp, TRAIN_LOSS, x_key)
+    val = arm_curves(exp, VAL_LOSS, x_key)
     if not train and not val:
         return None
     fig, grid = _subplots(1, 2, (12, 4.4))
     axes = grid[0]
     kinds: set[str] = set()
     diverged = False
-    for ax, curves, metric, title in ((axes[0], train, "train_loss", "Train loss"),
-                                      (axes[1], val, "val_loss", "Validation loss")):
+    for ax, curves, metric, title in ((axes[0], train, TRAIN_LOSS, "Train loss"),
+                                      (axes[1], val, VAL_LOSS, "Validation loss")):
         for arm, curve in curves.items():
             _band(ax, curve, colors[arm], arm)
         _focus_ylim(ax, curves)
         diverged |= _diverged_seeds(ax, exp, metric, x_key, colors)
-        if metric == "train_loss":
+        if metric == TRAIN_LOSS:
             kinds = _event_markers(ax, exp, x_key, colors, curves)
         ax.set_title(f"{title} vs {X_LABEL[x_key]}")
         ax.set_ylabel("cross-entropy (nats/token)")
@@ -251,14 +258,14 @@ def _loss_figure(exp: Experiment, colors: Mapping[str, Any], out: Path, x_key: s
 
 
 def _grad_norm_figure(exp: Experiment, colors: Mapping[str, Any], out: Path) -> Figure | None:
-    curves = arm_curves(exp, "grad_norm")
+    curves = arm_curves(exp, GRAD_NORM)
     if not curves:
         return None
     fig, grid = _subplots(1, 1, (12, 4))
     ax = grid[0, 0]
     for arm, curve in curves.items():
         _band(ax, curve, colors[arm], arm)
-    diverged = _diverged_seeds(ax, exp, "grad_norm", exp.x_key, colors)
+    diverged = _diverged_seeds(ax, exp, GRAD_NORM, exp.x_key, colors)
     clips = {(r.config.get("train") or {}).get("grad_clip") for r in exp.runs}
     clips.discard(None)
     extra = _event_handles(set(), diverged)
@@ -279,8 +286,8 @@ def _grad_norm_figure(exp: Experiment, colors: Mapping[str, Any], out: Path) -> 
 
 def _speed_memory_figure(exp: Experiment, arms: Mapping[str, ArmSummary],
                          colors: Mapping[str, Any], out: Path, memory_label: str) -> Figure | None:
-    panels = [("tokens_per_s", "Throughput (tokens/sec, training time)", 1.0),
-              ("peak_mem_bytes", f"{memory_label} (MiB)", 2.0**-20)]
+    panels = [(TOKENS_PER_S, "Throughput (tokens/sec, training time)", 1.0),
+              (PEAK_MEM, f"{memory_label} (MiB)", 2.0**-20)]
     if not any(a.values[m] for a in arms.values() for m, _, _ in panels):
         return None
     names = [a for a in exp.arms if a in arms]
@@ -320,22 +327,22 @@ def _indexed(names: Sequence[str], prefix: str) -> list[tuple[int, str]]:
 def _diagnostics_figure(exp: Experiment, colors: Mapping[str, Any], out: Path) -> Figure | None:
     names = sorted({n for r in exp.runs for n in r.curves})
     panels = []
-    act = _indexed(names, "act_rms/block.")
+    act = _indexed(names, DIAG_ACT_RMS)
     if act:
         panels.append(("Activation RMS (probe batch)", lambda ax: _per_block_curves(
             ax, exp, colors, act, "RMS of the residual stream")))
-    if any(n.startswith("norm_grad_norm/") for n in names):
+    if any(n.startswith(DIAG_NORM_GRAD) for n in names):
         panels.append(("LayerNorm weight / bias gradient norms", lambda ax: _ln_curves(
             ax, exp, colors)))
-    ent = _indexed(names, "attn_entropy/layer.")
+    ent = _indexed(names, DIAG_ATTN_ENTROPY)
     if ent:
         panels.append(("Attention entropy per layer (last probe)", lambda ax: _per_layer(
             ax, exp, colors, ent, "last", "entropy (nats)", "layer")))
-    blocks = _indexed(names, "grad_norm/block.")
+    blocks = _indexed(names, DIAG_BLOCK_GRAD)
     if blocks:
         panels.append(("Gradient norm per block (mean over the run)", lambda ax: _per_layer(
             ax, exp, colors, blocks, "mean", "gradient norm", "block")))
-    ratio = _indexed(names, "update_ratio/block.")
+    ratio = _indexed(names, DIAG_UPDATE_RATIO)
     if ratio:
         panels.append(("Update / weight ratio per block (mean over the run)", lambda ax: _per_layer(
             ax, exp, colors, ratio, "mean", "‖Δw‖ / ‖w‖", "block", log=True)))
@@ -380,7 +387,7 @@ def _ln_curves(ax: Axes, exp: Experiment, colors: Mapping[str, Any]) -> list[Lin
     handles = []
     for part, style in ((".weight", "-"), (".bias", "--")):
         curves = arm_curves(exp, f"norm_grad_norm{part}", extract=lambda r, p=part: combined_norm(
-            r, "norm_grad_norm/", p))
+            r, DIAG_NORM_GRAD, p))
         for arm, curve in curves.items():
             ok = np.isfinite(curve.mean)
             ax.plot(curve.x[ok], curve.mean[ok], color=colors[arm], ls=style, lw=1.4)
@@ -400,7 +407,7 @@ def _per_layer(ax: Axes, exp: Experiment, colors: Mapping[str, Any],
     for k, arm in enumerate(exp.arms):
         per_seed = []
         for run in exp.runs_of(arm):
-            if run.status == "diverged":
+            if run.status == Status.DIVERGED:
                 continue
             row = []
             for _, name in layers:

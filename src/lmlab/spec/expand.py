@@ -20,18 +20,17 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from lmlab.config import RunConfig, TrainConfig, flatten
+from lmlab.config import Components, RunConfig, TrainConfig, flatten
+from lmlab.identity import run_id
+from lmlab.names import EFFECTIVE_BATCH_PATHS, PER_SEED_PATHS
 from lmlab.spec import expr
-from lmlab.spec.load import YamlDoc, load_yaml, validate
+from lmlab.spec.load import YamlDoc, load_yaml, upgrade_spec_doc, validate
 from lmlab.spec.schema import Spec
 
 # Sections of RunConfig an arm may change. Budgets are fixed by the axis, seeds by meta.seeds.
-VARIABLE_SECTIONS = ("data", "tokenizer", "model", "optimizer", "schedule", "train")
-NOT_INDEPENDENT = {"train.seed": "seeds are set by meta.seeds, the same for every arm"}
-# The Memory / Systems addendum measures every arm at the same effective batch (sequences per
-# optimizer step): these may not change between its arms (train.grad_accum may: micro-batch x
-# accumulation steps at a fixed batch).
-EFFECTIVE_BATCH = ("train.batch_size", "train.batch_size_start", "train.batch_ramp_steps")
+VARIABLE_SECTIONS = tuple(Components.model_fields)  # data, tokenizer, model, ..., train
+NOT_INDEPENDENT = dict.fromkeys(PER_SEED_PATHS, "seeds are set by meta.seeds, the same for "
+                                "every arm")
 
 
 @dataclass(frozen=True)
@@ -77,20 +76,8 @@ class Plan:
         }
 
 
-def spec_field(run_field: str) -> str:
-    """Where a spec writes a RunConfig field: ``data.path`` -> ``controlled.data.path``."""
-    section = run_field.split(".", 1)[0]
-    if section in VARIABLE_SECTIONS:
-        return f"controlled.{run_field}"
-    if section == "eval":
-        return "evaluation" + run_field[len("eval"):]
-    if section == "diagnostics":
-        return f"evaluation.{run_field}"
-    return run_field
-
-
 def load_spec(path: Path | str) -> tuple[Spec, YamlDoc]:
-    doc = load_yaml(path)
+    doc = upgrade_spec_doc(load_yaml(path))
     return validate(doc, Spec), doc
 
 
@@ -155,7 +142,7 @@ def _check_path(doc: YamlDoc, where: str, path: str, leaves: dict[str, Any]) -> 
 
 def expand(spec: Spec, doc: YamlDoc) -> Plan:
     ind = spec.independent
-    controlled = spec.controlled.model_dump(mode="json", exclude={"hardware", "seed_policy"})
+    controlled = spec.controlled.model_dump(mode="json", include=set(VARIABLE_SECTIONS))
     leaves = flatten(controlled)
     design = _design(spec, doc)
 
@@ -259,17 +246,16 @@ def expand(spec: Spec, doc: YamlDoc) -> Plan:
     # ---- budgets by comparison axis, then arms x seeds ------------------------------------------
     plan = Plan(spec=spec, doc=doc, arms=arm_values,
                 variables=sorted(declared | set(ind.derived)), reference=reference)
-    evaluation = spec.evaluation.model_dump(mode="json", exclude={"diagnostics", "primary_metric"})
+    evaluation = spec.evaluation.model_dump(mode="json", exclude={"primary_metric"})
+    cadence = spec.cadence.model_dump(mode="json")
     for name in arm_names:
         budget, eval_cfg = _resolve_budget(spec, doc, name, arm_trees[name], evaluation)
         for seed in spec.meta.seeds:
             tree = copy.deepcopy(arm_trees[name])
             tree["train"]["seed"] = seed
-            cfg = RunConfig.model_validate({
-                **tree, "budget": budget, "eval": eval_cfg,
-                "diagnostics": spec.evaluation.diagnostics.model_dump(mode="json"),
-            })
-            plan.runs.append(PlannedRun(run_id=_run_id(name, seed), arm=name, seed=seed,
+            cfg = RunConfig.model_validate({**tree, "budget": budget, "evaluation": eval_cfg,
+                                            "cadence": cadence})
+            plan.runs.append(PlannedRun(run_id=run_id(name, seed), arm=name, seed=seed,
                                         config=cfg, values=arm_values[name]))
     return plan
 
@@ -296,7 +282,7 @@ def _check_addendum_conditions(spec: Spec, doc: YamlDoc,
                         f"comparison_axis must be equal_tokens, not {spec.comparison_axis} "
                         "(or set systems_addendum: false)")
     ind = spec.independent
-    for path in EFFECTIVE_BATCH:
+    for path in EFFECTIVE_BATCH_PATHS:
         if path not in declared and path not in ind.derived:
             continue
         where = next((f"{w}.{path}" for _, values, w in design if path in values), None)
@@ -306,10 +292,6 @@ def _check_addendum_conditions(spec: Spec, doc: YamlDoc,
                         f"{why} compares arms at the same effective batch: '{path}' cannot be "
                         "an independent variable. Vary train.grad_accum to change the "
                         "micro-batch at a fixed batch_size (or set systems_addendum: false)")
-
-
-def _run_id(arm: str, seed: int) -> str:
-    return f"{arm}-s{seed}"
 
 
 def _steps_for_tokens(train: TrainConfig, tokens: int) -> int | None:

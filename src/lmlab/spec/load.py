@@ -6,7 +6,7 @@ validation error deep in the tree becomes ``spec.yaml:14 independent.arms.big.lr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from lmlab.config import LEGACY_CADENCE_KEYS, Components
 from lmlab.errors import UserError
 
 M = TypeVar("M", bound=BaseModel)
@@ -40,17 +41,45 @@ class YamlDoc:
         return UserError(message, file=str(self.path), line=self.line_of(field), field=field or None)
 
     @contextmanager
-    def located(self, to_yaml: Callable[[str], str] = lambda f: f) -> Iterator[None]:
+    def located(self, components_under: str = "") -> Iterator[None]:
         """Give a UserError raised deeper down (data, tokenizer, model loading) this document's
-        file and the line of its field; ``to_yaml`` maps a RunConfig field to where the
-        document wrote it."""
+        file and the line of its field (a RunConfig path). A spec writes the run's component
+        sections (data, ..., train) under ``controlled``: ``components_under`` says so."""
         try:
             yield
         except UserError as e:
             if e.file is None:
-                field = to_yaml(e.field) if e.field else ""
+                field = e.field or ""
+                if components_under and field.split(".", 1)[0] in Components.model_fields:
+                    field = f"{components_under}.{field}"
                 e.file, e.line, e.field = str(self.path), self.line_of(field), field or None
             raise
+
+    def move(self, src: str, dst: str) -> bool:
+        """Move the value at dotted ``src`` to ``dst`` (merging into a mapping already there),
+        lines included; returns whether there was anything to move."""
+        *parents, leaf = src.split(".")
+        node = self.data
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+            if not isinstance(node, dict):
+                return False
+        if not isinstance(node, dict) or leaf not in node:
+            return False
+        value = node.pop(leaf)
+        *dst_parents, dst_leaf = dst.split(".")
+        target = self.data
+        for key in dst_parents:
+            target = target.setdefault(key, {})
+        if isinstance(value, dict) and isinstance(target.get(dst_leaf), dict):
+            target[dst_leaf] = {**value, **target[dst_leaf]}
+        else:
+            target[dst_leaf] = value
+        for key in [k for k in self.lines if k == src or k.startswith(src + ".")]:
+            self.lines.setdefault(dst + key[len(src):], self.lines[key])
+        for i in range(1, len(dst_parents) + 1):
+            self.lines.setdefault(".".join(dst_parents[:i]), self.lines[src])
+        return True
 
 
 def _walk(node: yaml.Node, prefix: str, lines: dict[str, int], doc_path: Path) -> None:
@@ -96,6 +125,26 @@ def load_yaml(path: Path | str) -> YamlDoc:
     if not isinstance(data, dict):
         raise UserError("expected a mapping of sections at the top level", file=str(path), line=1)
     return YamlDoc(path=path, data=data, lines=lines)
+
+
+# -- documents written for lmlab 0.1 --------------------------------------------------------------
+# 0.1 kept the log and checkpoint cadences in the evaluation section, and a run config file named
+# its evaluation section ``eval`` with ``diagnostics`` beside it. Such files are moved to today's
+# sections as they are read, so every error still points at the line the user wrote.
+
+def upgrade_spec_doc(doc: YamlDoc) -> YamlDoc:
+    for key in LEGACY_CADENCE_KEYS:
+        doc.move(f"evaluation.{key}", f"cadence.{key}")
+    return doc
+
+
+def upgrade_run_doc(doc: YamlDoc) -> YamlDoc:
+    """A ``lmlab train`` config file."""
+    for key in LEGACY_CADENCE_KEYS:
+        doc.move(f"eval.{key}", f"cadence.{key}")
+    doc.move("eval", "evaluation")
+    doc.move("diagnostics", "evaluation.diagnostics")
+    return upgrade_spec_doc(doc)
 
 
 def _describe(err: dict[str, Any]) -> str:

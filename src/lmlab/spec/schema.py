@@ -10,25 +10,16 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lmlab.config import (
+    LEGACY_CADENCE_KEYS,
     BudgetConfig,
+    CadenceConfig,
     Components,
-    DiagnosticsConfig,
-    EvalConfig,
+    EvaluationConfig,
 )
+from lmlab.names import RUN_METRICS
 
 Category = Literal["hyperparam", "optimizer", "memory", "architecture", "recipe"]
 Axis = Literal["equal_tokens", "equal_steps", "equal_wall_clock"]
-
-# Per-run quantities a hypothesis check or the decision can name. "final_*" come from the last
-# validation evaluation; "*_events" count events in the store; the rest from the run summary.
-METRICS = {
-    "final_val_loss": "lower", "final_val_ppl": "lower", "final_val_bpb": "lower",
-    "final_val_word_ppl": "lower", "final_train_loss": "lower", "test_loss": "lower",
-    "min_val_loss": "lower", "tokens_per_s": "higher", "peak_mem_bytes": "lower",
-    "step_time_s": "lower", "divergence_events": "lower", "nan_events": "lower",
-    "spike_events": "lower", "max_grad_norm": "lower",
-}
-
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -55,7 +46,7 @@ class Check(_Section):
     """
 
     name: str | None = None
-    metric: Literal[tuple(METRICS)]  # type: ignore[valid-type]
+    metric: Literal[tuple(RUN_METRICS)]  # type: ignore[valid-type]
     arm: str
     op: Literal["<", "<=", ">", ">=", "==", "equivalent"]
     than: str | None = None
@@ -119,11 +110,11 @@ class Independent(_Section):
         return self
 
 
-class Evaluation(EvalConfig):
-    """Section 5's evaluation protocol (the run's EvalConfig) and section 6's metrics to log."""
+class Evaluation(EvaluationConfig):
+    """Section 5's evaluation protocol and section 6's metrics to log (the runs'
+    ``evaluation`` section), plus the metric the decision ranks arms by."""
 
-    diagnostics: DiagnosticsConfig = DiagnosticsConfig()
-    primary_metric: Literal[tuple(METRICS)] = "final_val_loss"  # type: ignore[valid-type]
+    primary_metric: Literal[tuple(RUN_METRICS)] = "final_val_loss"  # type: ignore[valid-type]
 
 
 class Preflight(_Section):
@@ -139,6 +130,20 @@ class Preflight(_Section):
 
 
 class Spec(_Section):
+    @model_validator(mode="before")
+    @classmethod
+    def _upgrade(cls, data: object) -> object:
+        """A spec of lmlab 0.1 (a stored one: files are upgraded line by line as they load)
+        kept the log and checkpoint cadences in ``evaluation``; today they are ``cadence``'s."""
+        if not isinstance(data, dict) or not isinstance(data.get("evaluation"), dict):
+            return data
+        evaluation = dict(data["evaluation"])
+        moved = {k: evaluation.pop(k) for k in LEGACY_CADENCE_KEYS if k in evaluation}
+        if not moved:
+            return data
+        return {**data, "evaluation": evaluation,
+                "cadence": {**moved, **(data.get("cadence") or {})}}
+
     meta: Meta
     objective: str
     hypothesis: Hypothesis
@@ -146,6 +151,7 @@ class Spec(_Section):
     independent: Independent
     budget: BudgetConfig
     evaluation: Evaluation = Evaluation()
+    cadence: CadenceConfig = CadenceConfig()
     comparison_axis: Axis
     expected_outcomes: list[str] | str
     preflight: Preflight = Preflight()

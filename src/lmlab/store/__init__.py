@@ -4,13 +4,10 @@ The migration list lives in :mod:`lmlab.store.db` (``db.MIGRATIONS``); it is not
 here because rebinding a re-exported name would not change the list the store reads.
 """
 
-from lmlab.store.db import FILENAME, STATUSES, TERMINAL_STATUSES, MetricRow, Migration, Store
+from lmlab.store.db import MetricRow, Migration, Store
 from lmlab.store.provenance import capture, hardware_summary
 
 __all__ = [
-    "FILENAME",
-    "STATUSES",
-    "TERMINAL_STATUSES",
     "MetricRow",
     "Migration",
     "Store",

@@ -29,18 +29,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple
 
+from lmlab.config import LEGACY_CADENCE_KEYS, upgrade_run_tree
 from lmlab.errors import UserError
-
-FILENAME = "lmlab.sqlite"
+from lmlab.names import RESULT_SPEC, STATUSES, STORE_FILE, TERMINAL, Status
 
 # Writers wait this long for the lock before giving up. Runs write once per log interval, so a
 # wait of more than a few milliseconds means something is badly wrong; a minute is a safe margin
 # on a loaded machine (many runs, slow network file systems).
 BUSY_TIMEOUT_S = 60.0
 
-STATUSES = ("pending", "running", "completed", "diverged", "failed", "over_budget", "interrupted")
-# A run in one of these has ended (for now: an interrupted run may resume and run again).
-TERMINAL_STATUSES = frozenset(("completed", "diverged", "failed", "over_budget", "interrupted"))
 
 
 class Migration(NamedTuple):
@@ -121,10 +118,36 @@ _V1 = _statements(
     """,
 )
 
+
+def _v2(conn: sqlite3.Connection) -> None:
+    """lmlab 0.2 names a run's sections as a spec names them: ``eval`` became ``evaluation``
+    (with ``diagnostics`` inside it) and the log / checkpoint cadences moved to ``cadence``."""
+    from lmlab.identity import digest
+
+    rows = conn.execute("SELECT run_id, config_json FROM runs").fetchall()
+    for run_id, text in rows:
+        tree = json.loads(text)
+        upgraded = upgrade_run_tree(tree)
+        if upgraded is tree:
+            continue
+        conn.execute("UPDATE runs SET config_json = ?, config_hash = ? WHERE run_id = ?",
+                     (json.dumps(upgraded, sort_keys=True), digest(upgraded), run_id))
+    # The stored spec: its cadences moved out of ``evaluation`` (``Spec`` reads either shape).
+    row = conn.execute("SELECT value_json FROM results WHERE key = ?", (RESULT_SPEC,)).fetchone()
+    record = _loads(row[0]) if row else None
+    evaluation = (record or {}).get("spec", {}).get("evaluation") or {}
+    moved = {k: evaluation.pop(k) for k in LEGACY_CADENCE_KEYS if k in evaluation}
+    if moved:
+        record["spec"]["cadence"] = {**moved, **(record["spec"].get("cadence") or {})}
+        conn.execute("UPDATE results SET value_json = ? WHERE key = ?",
+                     (_dumps(record), RESULT_SPEC))
+
+
 # Applied in order on open; a database records the last one it has seen in meta.schema_version.
 # Append new versions here, never edit an applied one: existing experiment files depend on it.
 MIGRATIONS: list[Migration] = [
     Migration(1, "initial schema: runs, metrics, events, results", _V1),
+    Migration(2, "run configs: eval -> evaluation (+ diagnostics), cadence", _v2),
 ]
 
 
@@ -175,7 +198,7 @@ class Store:
     def __init__(self, path: Path | str) -> None:
         path = Path(path)
         if path.is_dir():
-            path = path / FILENAME
+            path = path / STORE_FILE
         self.path = path
         # isolation_level=None: the sqlite3 module opens no transactions behind our back; every
         # write below says BEGIN IMMEDIATE ... COMMIT itself.
@@ -197,7 +220,16 @@ class Store:
         """The store of the experiment in ``directory``, creating both if needed."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        return cls(directory / FILENAME)
+        return cls(directory / STORE_FILE)
+
+    @classmethod
+    def existing(cls, directory: Path | str) -> Store:
+        """The store of the experiment in ``directory``; a UserError when there is none (a
+        command that only reads must not create an empty experiment)."""
+        path = Path(directory) / STORE_FILE
+        if not path.is_file():
+            raise UserError(f"no lmlab results here ({STORE_FILE} missing)", file=str(directory))
+        return cls(path)
 
     def close(self) -> None:
         self._conn.close()
@@ -261,7 +293,7 @@ class Store:
     # -- runs --------------------------------------------------------------------------------
 
     def add_run(self, run_id: str, arm: str, seed: int, config_json: str, config_hash: str,
-                status: str = "pending") -> bool:
+                status: str = Status.PENDING) -> bool:
         """Register a run. An existing run is left untouched (re-planning an experiment must not
         reset finished runs); returns whether a row was inserted."""
         _check_status(status)
@@ -287,7 +319,7 @@ class Store:
         """
         _check_status(status)
         now = _now()
-        terminal = status in TERMINAL_STATUSES
+        terminal = status in TERMINAL
         with self._write() as conn:
             cur = conn.execute(
                 """

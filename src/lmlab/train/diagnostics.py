@@ -24,6 +24,14 @@ from torch import nn
 
 from lmlab.config import DiagnosticsConfig
 from lmlab.model.attention import CausalSelfAttention, attention_entropy
+from lmlab.names import (
+    DIAG_ACT_RMS,
+    DIAG_ATTN_ENTROPY,
+    DIAG_BLOCK_GRAD,
+    DIAG_KIND_GRAD,
+    DIAG_NORM_GRAD,
+    DIAG_UPDATE_RATIO,
+)
 from lmlab.optim import classify_params
 
 
@@ -163,13 +171,13 @@ class Diagnostics:
         out: dict[str, torch.Tensor] = {}
         if self.cfg.layer_grad_norms:
             for i, names in self.blocks.items():
-                out[f"grad_norm/block.{i}"] = group(names)
+                out[f"{DIAG_BLOCK_GRAD}{i}"] = group(names)
             for kind in sorted(self.by_kind):
-                out[f"grad_norm/kind.{kind}"] = group(self.by_kind[kind])
+                out[f"{DIAG_KIND_GRAD}{kind}"] = group(self.by_kind[kind])
         if self.cfg.norm_grad_norms:
             for n in self.norm_params:
                 if n in sq:
-                    out[f"norm_grad_norm/{n}"] = sq[n].sqrt()
+                    out[f"{DIAG_NORM_GRAD}{n}"] = sq[n].sqrt()
         return _read(out)
 
     # -- update / weight ratio -----------------------------------------------------------------
@@ -189,7 +197,7 @@ class Diagnostics:
             delta = torch.stack([_sq_norm(self.params[n].detach() - before[n]) for n in names])
             weight = torch.stack([_sq_norm(before[n]) for n in names])
             d, w = delta.sum().sqrt(), weight.sum().sqrt()
-            out[f"update_ratio/block.{i}"] = torch.where(w > 0, d / w, torch.zeros_like(d))
+            out[f"{DIAG_UPDATE_RATIO}{i}"] = torch.where(w > 0, d / w, torch.zeros_like(d))
         return _read(out)
 
     # -- probe batch: activations and attention entropy -----------------------------------------
@@ -207,7 +215,7 @@ class Diagnostics:
         if self.cfg.activation_norms:
             for i in watch:
                 def hook(_m: nn.Module, _inp: object, output: torch.Tensor, i: int = i) -> None:
-                    out[f"act_rms/block.{i}"] = output.detach().float().square().mean().sqrt()
+                    out[f"{DIAG_ACT_RMS}{i}"] = output.detach().float().square().mean().sqrt()
                 hooks.append(blocks[i].register_forward_hook(hook))
         attns = [m for m in model.modules() if isinstance(m, CausalSelfAttention)]
         if self.cfg.attention_entropy:
@@ -219,9 +227,9 @@ class Diagnostics:
                     assert m.last_probs is not None
                     ent = attention_entropy(m.last_probs)  # (B, H, T)
                     m.last_probs = None
-                    out[f"attn_entropy/layer.{layer}"] = ent.mean()
+                    out[f"{DIAG_ATTN_ENTROPY}{layer}"] = ent.mean()
                     for h, v in enumerate(ent.mean(dim=(0, 2)).unbind()):
-                        out[f"attn_entropy/layer.{layer}.head.{h}"] = v
+                        out[f"{DIAG_ATTN_ENTROPY}{layer}.head.{h}"] = v
                 a.capture_probs = True
                 hooks.append(a.register_forward_hook(entropy))
         modes = {m: m.training for m in model.modules()}

@@ -19,9 +19,9 @@ import torch
 from lmlab.config import RunConfig
 from lmlab.data.tokenize import DataBundle
 from lmlab.errors import UserError
-from lmlab.model.wrap import apply_activation_checkpointing
-from lmlab.optim import build_optimizer
-from lmlab.train.loop import autocast_context, build_run_model, loss_terms, resolve_device
+from lmlab.identity import digest
+from lmlab.optim import set_lr
+from lmlab.train.step import build_learner, resolve_device, train_step
 
 
 @dataclass
@@ -47,7 +47,8 @@ class PreflightResult:
 
 def preflight_config(cfg: RunConfig, lr: float | None = None,
                      seq_len: int | None = None) -> RunConfig:
-    """The arm's config as the preflight trains it: no dropout, no weight decay, constant lr."""
+    """The arm's config as the preflight trains it: no dropout, no weight decay, no label
+    smoothing, z-loss or EMA, a constant lr, seed 0."""
     tree = cfg.model_dump()
     if seq_len is not None:
         tree["train"]["seq_len"] = seq_len
@@ -56,27 +57,22 @@ def preflight_config(cfg: RunConfig, lr: float | None = None,
     if lr is not None:
         tree["optimizer"]["lr"] = lr
     tree["schedule"] = {"name": "constant"}
-    tree["train"]["seed"] = 0
+    tree["train"].update(seed=0, label_smoothing=0.0, z_loss=0.0, ema_decay=None)
     return RunConfig.model_validate(tree)
 
 
 def preflight_key(cfg: RunConfig) -> str:
-    """Arms that share a model / memory / optimizer configuration share one preflight."""
-    return cfg.model_copy(update={"budget": RunConfig().budget, "eval": RunConfig().eval,
-                                  "diagnostics": RunConfig().diagnostics}).config_hash
+    """Configurations that share a model / memory / optimizer setting share one preflight."""
+    return digest(cfg, "preflight")
 
 
 def overfit(cfg: RunConfig, data: DataBundle, *, sequences: int, batch_size: int, steps: int,
             loss_threshold: float, key: str = "", arms: list[str] | None = None) -> PreflightResult:
+    """Train ``cfg`` (a :func:`preflight_config`) on the first ``sequences`` training windows,
+    ``batch_size`` at a time in a fixed order, with the training loop's own step."""
     tc = cfg.train
-    device = resolve_device(tc.device)
-    torch.manual_seed(tc.seed)
-    model = build_run_model(cfg, data.tokenizer.vocab_size).to(device)  # init_from too
-    apply_activation_checkpointing(model, tc.activation_checkpointing)
-    optimizer = build_optimizer(cfg.optimizer, model, device.type)
-    scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
-    params = [p for p in model.parameters() if p.requires_grad]
-
+    learner = build_learner(cfg, data.tokenizer.vocab_size, resolve_device(tc.device))
+    set_lr(learner.optimizer, 1.0)
     train = data.splits["train"]
     need = sequences * tc.seq_len + 1
     if len(train) < need:
@@ -91,24 +87,12 @@ def overfit(cfg: RunConfig, data: DataBundle, *, sequences: int, batch_size: int
     grads_finite = True
     for step in range(steps):
         idx = torch.arange(step * batch_size, (step + 1) * batch_size) % sequences
-        x, y = xs[idx].to(device), ys[idx].to(device)
-        with autocast_context(device, tc.precision):
-            logits = model(x)
-        ce, objective = loss_terms(logits, y, 0.0, 0.0)
-        scaler.scale(objective).backward()
-        scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip or math.inf)
-        loss = ce.item()
-        losses.append(loss)
-        if not math.isfinite(loss):
-            nan = True
+        out = train_step(learner, [(xs[idx], ys[idx], 1.0)])
+        losses.append(out.loss.item())
+        if not out.finite:
+            nan = not math.isfinite(losses[-1])
+            grads_finite = nan or bool(torch.isfinite(out.grad_norm))
             break
-        if not torch.isfinite(norm) and not scaler.is_enabled():  # fp16 overflow is the scaler's job
-            grads_finite = False
-            break
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
     final = losses[-1]
     return PreflightResult(
         key=key, arms=arms or [], passed=(not nan and grads_finite and final < loss_threshold),

@@ -1,0 +1,128 @@
+"""Names that more than one package uses, defined once: metric names, run statuses, event kinds,
+result keys and file names. Modules import them from here; none re-types them.
+
+Every name is also what the store, ``lmlab status --json`` and the exporters show, so renaming one
+is a schema change (see :mod:`lmlab.store.db`'s migrations), not a refactor.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+# -- files -----------------------------------------------------------------------------------------
+
+STORE_FILE = "lmlab.sqlite"  # one per experiment directory
+RUNS_DIR = "runs"  # DIR/runs/<run_id>/: checkpoint, worker log
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+# -- run statuses ----------------------------------------------------------------------------------
+
+
+class Status(StrEnum):
+    """Where a run stands. ``StrEnum``: a member *is* its string, in the store and in JSON."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"  # spent its budget; the only status with final metrics
+    DIVERGED = "diverged"  # a non-finite step, or the loss blew up (a nan / divergence event)
+    FAILED = "failed"  # crashed: a bug or a user error met at run time
+    OVER_BUDGET = "over_budget"  # peak memory above budget.max_memory_mb, or out of memory
+    INTERRUPTED = "interrupted"  # stopped on request; resumes from its checkpoint
+
+
+STATUSES: tuple[str, ...] = tuple(Status)
+# Ended, for now (an interrupted run may resume and run again).
+TERMINAL = frozenset({Status.COMPLETED, Status.DIVERGED, Status.FAILED, Status.OVER_BUDGET,
+                      Status.INTERRUPTED})
+# Ended for good: a rerun of the experiment does not train these again.
+FINISHED = frozenset({Status.COMPLETED, Status.DIVERGED, Status.OVER_BUDGET})
+# Have not ended (yet).
+UNFINISHED = frozenset({Status.PENDING, Status.RUNNING, Status.INTERRUPTED})
+
+
+# -- events ---------------------------------------------------------------------------------------
+
+
+class Event(StrEnum):
+    NAN = "nan"  # non-finite loss or gradient norm, recorded before the optimizer step
+    DIVERGENCE = "divergence"  # loss above divergence_factor x its early value
+    SPIKE = "spike"  # loss-spike detector
+    OVER_BUDGET = "over_budget"  # peak memory above budget.max_memory_mb
+    OOM = "oom"  # out-of-memory error
+    COMPILE_FALLBACK = "compile_fallback"  # torch.compile failed; the run went on eager
+    RESUME = "resume"  # resumed from a checkpoint
+    INTERRUPTED = "interrupted"
+    PREFLIGHT = "preflight"  # experiment-level: the Overfit Sanity outcome
+
+
+# Events that mean the training itself went wrong (template section 6, stability metrics).
+INSTABILITY_EVENTS = (Event.NAN, Event.DIVERGENCE, Event.SPIKE)
+
+
+# -- logged metrics (one store row per step and name) -------------------------------------------
+
+TRAIN_LOSS = "train_loss"  # per step: cross-entropy, before label smoothing or z-loss
+GRAD_NORM = "grad_norm"  # per step: global gradient norm before clipping
+LR = "lr"  # per step: the learning rate of the first parameter group
+STEP_TIME = "step_time_s"  # per log interval: training seconds per step
+TOKENS_PER_S = "tokens_per_s"  # per log interval: training tokens per training second
+PEAK_MEM = "peak_mem_bytes"  # per log interval: peak memory so far (CUDA allocated, or RSS)
+PEAK_MEM_RESERVED = "peak_mem_reserved_bytes"  # CUDA only: the caching allocator's peak
+
+# An evaluation logs ``{split prefix}_{key}`` for each key: val_loss, val_ppl, ..., test_bpb.
+EVAL_KEYS = ("loss", "ppl", "bpb", "word_ppl")
+VAL = "val"
+TEST = "test"
+VAL_LOSS = f"{VAL}_loss"
+
+
+def eval_metric(split: str, key: str) -> str:
+    """The logged name of one evaluation number: ``eval_metric("val", "loss") == "val_loss"``."""
+    return f"{split}_{key}"
+
+
+# Probe-batch diagnostics (``lmlab.train.diagnostics``): a prefix, then a block/layer/parameter.
+DIAG_BLOCK_GRAD = "grad_norm/block."
+DIAG_KIND_GRAD = "grad_norm/kind."
+DIAG_NORM_GRAD = "norm_grad_norm/"
+DIAG_UPDATE_RATIO = "update_ratio/block."
+DIAG_ACT_RMS = "act_rms/block."
+DIAG_ATTN_ENTROPY = "attn_entropy/layer."
+
+
+# -- per-run quantities ----------------------------------------------------------------------
+
+# What a hypothesis check, the decision or a summary table can name about one run, and which
+# direction is better. ``final_*`` and ``test_loss`` exist only for a completed run (they are
+# measured at the end of the budget); ``*_events`` count events; the rest are measured through the
+# run. :mod:`lmlab.analysis.records` defines how each is computed.
+RUN_METRICS: dict[str, str] = {
+    "final_val_loss": "lower", "final_val_ppl": "lower", "final_val_bpb": "lower",
+    "final_val_word_ppl": "lower", "final_train_loss": "lower", "test_loss": "lower",
+    "min_val_loss": "lower", "tokens_per_s": "higher", "peak_mem_bytes": "lower",
+    "step_time_s": "lower", "divergence_events": "lower", "nan_events": "lower",
+    "spike_events": "lower", "max_grad_norm": "lower",
+}
+END_METRICS = frozenset({"final_val_loss", "final_val_ppl", "final_val_bpb",
+                         "final_val_word_ppl", "final_train_loss", "test_loss"})
+# Counts of events: each seed's value is an exact observation, not a noisy estimate.
+EVENT_METRICS: dict[str, str] = {"divergence_events": "divergence", "nan_events": "nan",
+                                 "spike_events": "spike"}
+
+
+# -- stored experiment results (``Store.put_result`` keys) -------------------------------------
+
+RESULT_SPEC = "experiment/spec"
+RESULT_PLAN = "experiment/plan"
+RESULT_PREFLIGHT = "experiment/preflight"
+
+
+# -- config paths several modules reason about ------------------------------------------------
+
+# Differs between the runs of one arm by design: never a controlled variable, never part of an
+# arm's identity.
+PER_SEED_PATHS = frozenset({"train.seed"})
+# The effective batch (sequences per optimizer step) and its ramp. The Memory / Systems addendum
+# compares arms at one effective batch; train.grad_accum may change (micro-batch x accumulation).
+EFFECTIVE_BATCH_PATHS = ("train.batch_size", "train.batch_size_start", "train.batch_ramp_steps")

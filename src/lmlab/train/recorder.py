@@ -1,0 +1,245 @@
+"""Everything one run writes, and the checks made on what it writes.
+
+The :class:`Recorder` is the only part of training that talks to the store. It buffers the
+per-step rows of a log interval (the loss and gradient-norm tensors stay on the device until the
+interval ends, then are read in one go), writes them in one transaction with the interval's
+speed and memory, runs the stability detectors (loss spikes, divergence) and the memory budget
+on them, records events and evaluations, and writes the run's status, provenance and summary.
+Its ``state_dict()`` travels in the checkpoint, so rows buffered at a checkpoint are written
+after a resume, and a resumed run's detectors, peak memory and wall-clock continue.
+
+When a run stops early its rows stay in the store and its status says why (``StopReason``):
+a ``nan`` event is recorded before the optimizer step would have applied a non-finite update; a
+``divergence`` event when an interval's loss is above ``divergence_factor`` times the first
+interval's; ``over_budget`` / ``oom`` events with the memory figure. None of these raises.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lmlab.config import RunConfig
+from lmlab.names import (
+    GRAD_NORM,
+    LR,
+    PEAK_MEM,
+    PEAK_MEM_RESERVED,
+    STEP_TIME,
+    TOKENS_PER_S,
+    TRAIN_LOSS,
+    Event,
+    Status,
+    eval_metric,
+)
+from lmlab.store import Store
+from lmlab.train.diagnostics import SpikeDetector
+from lmlab.train.memory import read_peak
+from lmlab.train.state import Point, RunState, StopReason
+
+
+@dataclass
+class StepRow:
+    """One optimizer step as logged; ``loss`` and ``grad_norm`` are device tensors until the
+    interval is flushed (or a checkpoint is written)."""
+
+    at: Point
+    loss: torch.Tensor | float
+    grad_norm: torch.Tensor | float
+    lr: float
+
+
+@dataclass(frozen=True)
+class Interval:
+    """What a progress display needs after a log interval."""
+
+    at: Point
+    mean_loss: float
+    tokens_per_s: float
+
+
+class Recorder:
+    def __init__(self, store: Store, run_id: str, cfg: RunConfig, device: torch.device) -> None:
+        self.store = store
+        self.run_id = run_id
+        self.device = device
+        self.diag = cfg.evaluation.diagnostics
+        self.max_mem = cfg.budget.max_memory_mb * 2**20 if cfg.budget.max_memory_mb else None
+        self.pending: list[StepRow] = []
+        self.spikes = SpikeDetector.from_config(self.diag)
+        self.early_loss: float | None = None  # mean loss of the first interval (divergence)
+        self.interval_start = Point(0, 0, 0.0)
+        # Segments of the run before the last resume count too: the run's peak memory and
+        # wall-clock are over all of it.
+        self.earlier_wall_s = 0.0
+        self.earlier_peak = 0
+        self.segment_start = time.perf_counter()
+
+    # -- the run's record ----------------------------------------------------------------------
+
+    def start(self, state: RunState, resumed: bool, provenance: dict[str, Any]) -> None:
+        """Rows written after the checkpoint (a killed run) are dropped: the resumed run
+        writes them again, so every step ends up stored exactly once."""
+        self.store.truncate_after(self.run_id, state.step if resumed else -1)
+        if resumed:
+            self.event(state.at, Event.RESUME, {"from_step": state.step})
+        else:
+            self.interval_start = state.at
+        self.store.set_provenance(self.run_id, provenance)
+        self.store.set_status(self.run_id, Status.RUNNING)
+
+    def finish(self, stop: StopReason, summary: dict[str, Any]) -> None:
+        if stop is StopReason.INTERRUPTED:
+            self.store.set_status(self.run_id, Status.INTERRUPTED)
+            return
+        self.store.set_status(self.run_id, stop.status, summary=summary)
+
+    def summary(self, state: RunState, stop: StopReason) -> dict[str, Any]:
+        """The run's own facts at its end (final metrics are defined from the rows, in
+        :mod:`lmlab.analysis.records`)."""
+        peak = read_peak(self.device)
+        return {
+            "steps": state.step, "tokens": state.tokens, "train_s": state.seconds,
+            "wall_s": self.wall_s(), "stop": str(stop), "reason": stop.reason,
+            "peak_mem_bytes": max(peak.peak_bytes, self.earlier_peak),
+            "peak_mem_kind": peak.kind, "peak_mem_reserved_bytes": peak.reserved_bytes,
+        }
+
+    def wall_s(self) -> float:
+        return self.earlier_wall_s + time.perf_counter() - self.segment_start
+
+    def peak_bytes(self) -> int:
+        return max(self.earlier_peak, read_peak(self.device).peak_bytes)
+
+    # -- rows and events -------------------------------------------------------------------------
+
+    def event(self, at: Point, kind: Event, detail: dict[str, Any] | None = None) -> None:
+        self.store.log_event(self.run_id, *at, kind, detail)
+
+    def metrics(self, at: Point, values: dict[str, float]) -> None:
+        if values:
+            self.store.log_metrics(self.run_id, *at, values)
+
+    def evaluation(self, at: Point, split: str, result: dict[str, float]) -> None:
+        """An evaluation's numbers, as ``{split}_{key}`` rows."""
+        self.metrics(at, {eval_metric(split, k): v for k, v in result.items() if k != "tokens"})
+
+    def compile_fallback(self, state: RunState, reason: str) -> None:
+        self.event(state.at, Event.COMPILE_FALLBACK, {"reason": reason})
+
+    def step(self, at: Point, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> None:
+        self.pending.append(StepRow(at, loss, grad_norm, lr))
+
+    def flush(self) -> Interval | None:
+        """Write the buffered steps and the interval's speed and memory in one transaction, and
+        run the spike detector on them."""
+        if not self.pending:
+            return None
+        self._to_host()
+        rows = []
+        for r in self.pending:
+            rows.append((*r.at, {TRAIN_LOSS: r.loss, GRAD_NORM: r.grad_norm, LR: r.lr}))
+            spike = self.spikes.update(r.at.step, float(r.loss))
+            if spike:
+                self.event(r.at, Event.SPIKE, spike)
+        last = self.pending[-1].at
+        peak = read_peak(self.device)
+        extra: dict[str, float] = {PEAK_MEM: float(max(peak.peak_bytes, self.earlier_peak))}
+        if peak.reserved_bytes is not None:
+            extra[PEAK_MEM_RESERVED] = float(peak.reserved_bytes)
+        steps, seconds = last.step - self.interval_start.step, last.seconds - self.interval_start.seconds
+        tokens_per_s = 0.0
+        if steps > 0 and seconds > 0:
+            tokens_per_s = (last.tokens - self.interval_start.tokens) / seconds
+            extra.update({STEP_TIME: seconds / steps, TOKENS_PER_S: tokens_per_s})
+        rows[-1][3].update(extra)
+        self.store.log_many(self.run_id, rows)
+        mean_loss = sum(float(r.loss) for r in self.pending) / len(self.pending)
+        self.pending.clear()
+        self.interval_start = last
+        return Interval(last, mean_loss, tokens_per_s)
+
+    # -- the checks ------------------------------------------------------------------------------
+
+    def check(self, interval: Interval | None) -> StopReason | None:
+        """The checks made on every flushed interval: divergence, then the memory budget."""
+        if interval is None:
+            return None
+        return self.diverged(interval) or self.over_memory(interval.at)
+
+    def diverged(self, interval: Interval) -> StopReason | None:
+        """The first interval's mean loss is the reference; a later one above
+        ``divergence_factor`` times it (or NaN) ends the run."""
+        if self.early_loss is None:
+            self.early_loss = interval.mean_loss
+            return None
+        if interval.mean_loss <= self.diag.divergence_factor * self.early_loss:
+            return None
+        self.event(interval.at, Event.DIVERGENCE, {"loss": interval.mean_loss,
+                                                   "early_loss": self.early_loss,
+                                                   "factor": self.diag.divergence_factor})
+        return StopReason.DIVERGED
+
+    def over_memory(self, at: Point) -> StopReason | None:
+        """The run's peak memory against ``budget.max_memory_mb``."""
+        peak = read_peak(self.device)
+        if self.max_mem is None or peak.peak_bytes <= self.max_mem:
+            return None
+        self.event(at, Event.OVER_BUDGET, {"peak_mem_bytes": peak.peak_bytes,
+                                           "peak_mem_kind": peak.kind,
+                                           "max_memory_mb": self.max_mem / 2**20})
+        return StopReason.OVER_MEMORY
+
+    def non_finite(self, at: Point, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float,
+                   probe: dict[str, float]) -> StopReason:
+        """Record the bad step first, then stop: no optimizer step applied it."""
+        bad_loss, bad_norm = loss.item(), grad_norm.item()
+        self.event(at, Event.NAN, {"loss": bad_loss, "grad_norm": bad_norm,
+                                   "note": "stopped before the optimizer step"})
+        self.pending.append(StepRow(at, bad_loss, bad_norm, lr))
+        self.metrics(at, probe)  # where the non-finite gradient sits, block by block
+        return StopReason.NON_FINITE
+
+    def out_of_memory(self, at: Point, error: BaseException) -> StopReason:
+        peak = read_peak(self.device)
+        self.event(at, Event.OOM, {"error": f"{type(error).__name__}: {error}"[:2000],
+                                   "peak_mem_bytes": peak.peak_bytes, "peak_mem_kind": peak.kind,
+                                   "max_memory_mb": None if self.max_mem is None
+                                   else self.max_mem / 2**20})
+        return StopReason.OOM
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def _to_host(self) -> None:
+        """The buffered loss / grad-norm tensors as floats, in one device read."""
+        live = [r for r in self.pending if isinstance(r.loss, torch.Tensor)]
+        if not live:
+            return
+        values = torch.stack([torch.stack([torch.as_tensor(r.loss).float(),
+                                           torch.as_tensor(r.grad_norm).float()])
+                              for r in live]).tolist()
+        for r, (loss, gnorm) in zip(live, values, strict=True):
+            r.loss, r.grad_norm = loss, gnorm
+
+    def state_dict(self) -> dict[str, Any]:
+        self._to_host()
+        return {
+            "pending": [[*r.at, r.loss, r.grad_norm, r.lr] for r in self.pending],
+            "spikes": self.spikes.state_dict(), "early_loss": self.early_loss,
+            "interval_start": list(self.interval_start), "wall_s": self.wall_s(),
+            "peak_mem_bytes": self.peak_bytes(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pending = [StepRow(Point(int(s), int(t), float(w)), float(loss), float(g), float(lr))
+                        for s, t, w, loss, g, lr in state["pending"]]
+        self.spikes.load_state_dict(state["spikes"])
+        self.early_loss = state["early_loss"]
+        start = state.get("interval_start")
+        self.interval_start = Point(*start) if start else Point(0, 0, 0.0)
+        self.earlier_wall_s = float(state.get("wall_s", 0.0))
+        self.earlier_peak = int(state.get("peak_mem_bytes", 0))
+        self.segment_start = time.perf_counter()
