@@ -61,6 +61,7 @@ def _open_experiment(plan: Plan, out_dir: Path, force_new: bool) -> Path | None:
     moved = None
     if (out_dir / STORE_FILE).exists():
         with Store.open(out_dir) as store:
+            store.check_intact()  # refused now, not by a worker halfway through
             existing = {r["run_id"]: r["config"] for r in store.runs()}
         planned = {r.run_id: r.config for r in plan.runs}
         changed = sorted(rid for rid, cfg in existing.items()

@@ -95,6 +95,7 @@ def run_single(cfg: RunConfig, out_dir: Path, run_id: str, *, base: Path | None 
     lease = Lease(out_dir / RUNS_DIR / run_id / LEASE_FILE, command=f"lmlab train, run {run_id}")
     with hold_directory(out_dir), _holding(lease), Store.open(out_dir) as store, \
             stop_on_signals() as stop, _progress() as progress:
+        store.check_intact()
         existing = store.run(run_id)
         if existing is not None and not same(existing["config"], cfg):
             raise UserError(f"{out_dir} already holds run {run_id} of a different config: its "
