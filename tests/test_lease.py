@@ -21,7 +21,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-import yaml
 
 from lmlab.config import RunConfig
 from lmlab.errors import UserError

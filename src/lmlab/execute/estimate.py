@@ -34,6 +34,7 @@ from lmlab.errors import UserError
 from lmlab.identity import digest
 from lmlab.names import STEP_TIME, Event
 from lmlab.spec.expand import Plan, PlannedRun
+from lmlab.spec.footprint import check_fits, host_memory_bytes
 from lmlab.store import Store
 from lmlab.train.diagnostics import Diagnostics
 from lmlab.train.evaluate import evaluate
@@ -165,8 +166,39 @@ def estimate_run(run: PlannedRun, t: ShapeTiming, test_split_ratio: float) -> fl
             + t.final_eval_s + probes * t.probe_s + test_s)
 
 
+def device_memory(device_name: str) -> tuple[int, str]:
+    """(bytes, what they are) of the memory one run gets where it trains: a GPU (the smallest
+    of this machine's; each run has one), else this machine's memory."""
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        gpus = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
+        smallest = min(gpus, key=lambda g: g.total_memory)
+        return smallest.total_memory, f"one {smallest.name}"
+    return host_memory_bytes(), "this machine"
+
+
+def check_memory(cfg: RunConfig, vocab_size: int | None = None) -> None:
+    """Refuse, before anything is allocated, a config whose estimated footprint
+    (:mod:`lmlab.spec.footprint`) cannot fit the device it would train on or its budget."""
+    capacity, where = device_memory(cfg.train.device)
+    too_big = check_fits(cfg, capacity=capacity, where=where, vocab_size=vocab_size)
+    if too_big is not None:
+        raise UserError(too_big.message, field=too_big.field)
+
+
+def check_plan_memory(plan: Plan, data: DataBundle) -> None:
+    for arm in plan.arms:
+        try:
+            check_memory(plan.arm_config(arm), data.tokenizer.vocab_size)
+        except UserError as e:
+            e.message = f"arm {arm}: {e.message}"
+            raise
+
+
 def estimate_plan(plan: Plan, data: DataBundle) -> dict[str, float]:
-    """{run_id: expected seconds}, timing each distinct shape once."""
+    """{run_id: expected seconds}, timing each distinct shape once (after checking that each
+    fits its device: a timing run must not be what finds out)."""
+    check_plan_memory(plan, data)
     timings: dict[str, ShapeTiming] = {}
     ratio = len(data.splits["test"]) / max(len(data.splits["valid"]), 1)
     out: dict[str, float] = {}

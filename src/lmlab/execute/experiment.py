@@ -18,7 +18,7 @@ import torch
 
 from lmlab.data.tokenize import DataBundle, prepare_data
 from lmlab.errors import UserError
-from lmlab.execute.estimate import estimate_plan
+from lmlab.execute.estimate import check_plan_memory, estimate_plan
 from lmlab.execute.lease import hold_directory, move_held_directory
 from lmlab.execute.local import run_sweep
 from lmlab.identity import same
@@ -164,6 +164,7 @@ def _run_experiment(plan: Plan, out_dir: Path, skip_preflight: bool, force_new: 
                     parallel: int | None) -> dict[str, Any]:
     moved = open_experiment(plan, out_dir, force_new=force_new)
     data = prepare_plan_data(plan)
+    check_plan_memory(plan, data)  # on the device the runs will have, before any is built
     with Store.open(out_dir) as store:
         planned = store.get_result(RESULT_PLAN) or {}
         have_preflight = store.get_result(RESULT_PREFLIGHT)

@@ -35,6 +35,7 @@ from rich.progress import (
 
 from lmlab.config import RunConfig
 from lmlab.errors import UserError
+from lmlab.execute.estimate import check_memory
 from lmlab.execute.lease import EXIT_BUSY, RUN_LEASE_WAIT_S, Lease, hold_directory
 from lmlab.identity import same
 from lmlab.names import (
@@ -92,6 +93,7 @@ def run_single(cfg: RunConfig, out_dir: Path, run_id: str, *, base: Path | None 
                arm: str = "run") -> RunResult:
     """Train one configuration in this process, with a progress bar. Holds the directory's lock
     and the run's lease throughout."""
+    check_memory(cfg)
     lease = Lease(out_dir / RUNS_DIR / run_id / LEASE_FILE, command=f"lmlab train, run {run_id}")
     with hold_directory(out_dir), _holding(lease), Store.open(out_dir) as store, \
             stop_on_signals() as stop, _progress() as progress:
