@@ -299,3 +299,27 @@ def test_two_runs_on_one_directory_then_a_killed_driver(tmp_path, articles_data)
         assert {r["status"] for r in store.runs()} == {"completed"}
         assert any(e["kind"] == "resume" for e in store.events("slow-s0"))
     assert _metric_values(out) == reference
+
+
+def test_a_run_whose_worker_never_stops_is_left_to_it(tmp_path, articles_data):
+    """A live worker that holds its run's lease (a stuck orphan, say) keeps it: the rerun's
+    worker waits, then leaves that run alone, the other runs go on, and the user is told who
+    holds it."""
+    spec = base_spec(articles_data)
+    spec["meta"]["seeds"] = [0]
+    path = write(tmp_path, spec)
+    out = tmp_path / "exp"
+    holder, _ = holder_process(out / "runs" / "slow-s0" / "lease.json")
+    try:
+        done = subprocess.run([sys.executable, "-m", "lmlab.cli", "run", str(path),
+                               "--skip-preflight", "--out", str(out)],
+                              capture_output=True, text=True, timeout=600)
+    finally:
+        kill(holder)
+    assert done.returncode == 2, done.stderr
+    assert "run slow-s0: run slow-s0 already has a live worker, " \
+           f"pid {holder.pid} on host {socket.gethostname()}" in done.stderr, done.stderr
+    with Store.open(out) as store:
+        states = {r["run_id"]: r["status"] for r in store.runs()}
+        assert store.metrics("slow-s0") == {}  # nothing written beside the live worker
+    assert states == {"slow-s0": "pending", "fast-s0": "completed"}

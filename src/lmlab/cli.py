@@ -312,6 +312,9 @@ def export(
     out.print(f"exported {directory} to {to}: {where}")
 
 
+PLAIN = {"markup": False, "highlight": False, "soft_wrap": True}  # paths and SQLite's words as is
+
+
 @app.command()
 def doctor(
     directory: Annotated[Path, typer.Argument(help="an experiment directory")],
@@ -330,24 +333,24 @@ def doctor(
         diagnosis = store_doctor.diagnose(directory)
         if diagnosis.whole:
             out.print(f"{diagnosis.store}: ok (integrity check passed; schema "
-                      f"v{diagnosis.schema_version}, {diagnosis.runs} runs)")
+                      f"v{diagnosis.schema_version}, {diagnosis.runs} runs)", **PLAIN)
             return
-        out.print(f"{diagnosis.store}: damaged. SQLite's integrity check says:", highlight=False)
+        out.print(f"{diagnosis.store}: damaged. SQLite's integrity check says:", **PLAIN)
         for problem in diagnosis.problems[:10]:
-            out.print(f"  {problem}", markup=False, highlight=False)
+            out.print(f"  {problem}", **PLAIN)
         if not recover:
             out.print(f"`lmlab doctor {directory} --recover` copies what can be read into a new "
-                      "store and keeps the damaged file aside")
+                      "store and keeps the damaged file aside", **PLAIN)
             raise typer.Exit(1)
         result = store_doctor.recover(directory)
     out.print(f"recovered into {result.store}: " + ", ".join(
-        f"{table} {n:,} rows" for table, n in result.copied.items()))
+        f"{table} {n:,} rows" for table, n in result.copied.items()), **PLAIN)
     for what, ranges in result.lost.items():
         shown = ", ".join(ranges[:8]) + (" ..." if len(ranges) > 8 else "")
-        out.print(f"  unreadable: {what} keys {shown}", markup=False, highlight=False)
+        out.print(f"  unreadable: {what} keys {shown}", **PLAIN)
     if result.lost:
-        out.print("runs that lost rows carry a rows_lost event (lmlab status shows it)")
-    out.print("the damaged store is kept as " + ", ".join(str(p) for p in result.kept))
+        out.print("runs that lost rows carry a rows_lost event (lmlab status shows it)", **PLAIN)
+    out.print("the damaged store is kept as " + ", ".join(str(p) for p in result.kept), **PLAIN)
 
 
 def main() -> None:

@@ -54,8 +54,8 @@ RENEW_EVERY_S = 5.0
 WATCH_EVERY_S = 1.0  # how often a worker looks at its driver
 ORPHAN_GRACE_S = 5.0  # a worker whose driver died stops at its next step; at the latest after this
 # A worker finding its run's lease held waits this long for the holder (an orphan of a killed
-# driver, which stops within ORPHAN_GRACE_S) before it gives up.
-RUN_LEASE_WAIT_S = 4 * ORPHAN_GRACE_S
+# driver notices within WATCH_EVERY_S and is gone ORPHAN_GRACE_S later), twice over.
+RUN_LEASE_WAIT_S = 2 * (WATCH_EVERY_S + ORPHAN_GRACE_S)
 EXIT_BUSY = 75  # a worker that found its run's lease held by a live worker (EX_TEMPFAIL)
 EXIT_ORPHANED = 76  # a worker that stopped because its driver died
 

@@ -14,6 +14,7 @@ still hold data that the ``sqlite3`` command-line shell's ``.recover`` can dig o
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 import tempfile
@@ -41,7 +42,7 @@ from lmlab.names import (
     eval_metric,
 )
 from lmlab.store.connection import DAMAGE, check_not_orphaned_wal, wal_of
-from lmlab.store.db import MIGRATIONS, Store, _loads, upgrade
+from lmlab.store.db import MIGRATIONS, Store, upgrade
 
 INTEGRITY_LIMIT = 50  # integrity-check messages kept
 MAX_QUERIES = 200_000  # reads tried per table before the rest of a failing range is given up
@@ -185,7 +186,7 @@ class _Salvage:
         ids += [r[0] for r in dst.execute("SELECT DISTINCT run_id FROM events WHERE run_id "
                                           "IS NOT NULL")]
         plan = dst.execute("SELECT value_json FROM results WHERE key = ?", (RESULT_PLAN,)).fetchone()
-        ids += [r["run_id"] for r in (_loads(plan[0]) or {}).get("runs", [])] if plan else []
+        ids += [r["run_id"] for r in json.loads(plan[0]).get("runs", [])] if plan else []
         return list(dict.fromkeys(ids))
 
     def _names(self, run_id: str, seen: set[str]) -> list[str]:
