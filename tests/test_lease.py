@@ -207,32 +207,42 @@ def test_a_worker_whose_driver_is_gone_stops_and_hands_the_run_over(tmp_path, ar
                                                                        "seq_len": 32},
         # Training seconds, not steps: the first worker is mid-run when its driver dies on any
         # machine, and the whole run takes the same few seconds however fast the steps are.
-        "budget": {"wall_clock_s": 6}, "evaluation": {"max_batches": 1, "test_at_end": False},
+        "budget": {"wall_clock_s": 8}, "evaluation": {"max_batches": 1, "test_at_end": False},
         "cadence": {"log_every_steps": 5, "checkpoint_every_steps": 50}})
     with Store.open(out) as store:
         store.add_run("r", "a", 0, cfg.to_json(), cfg.config_hash)
     driver, token = holder_process(out / LOCK_FILE)
     first = _worker(out, "r", token)
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while time.time() < deadline:
         with Store.open(out) as store:
-            if len(store.metrics("r", ["train_loss"]).get("train_loss", [])) >= 20:
+            if store.metrics("r", ["train_loss"]).get("train_loss"):  # its first interval
                 break
         time.sleep(0.1)
     assert first.poll() is None, first.stderr.read()
 
     kill(driver)  # the driver dies; a new one takes its stale lock and starts a new worker
+    t0 = time.time()
     new_driver, new_token = holder_process(out / LOCK_FILE)
+    run_lease = out / "runs" / "r" / "lease.json"
     try:
         second = _worker(out, "r", new_token)
-        t0 = time.time()
-        assert first.wait(timeout=30) == EXIT_ORPHANED
-        stopped_after = time.time() - t0
-        assert stopped_after < 15, stopped_after  # a few seconds, not the rest of the run
+        holders = set()
+        while time.time() - t0 < 60:
+            holder = read_holder(run_lease)
+            if first.poll() is not None:
+                break
+            # While the first worker lives, the run is its (or, once it let go, nobody's).
+            assert holder is None or holder.pid == first.pid, holder
+            holders.add(holder.pid if holder else None)
+            time.sleep(0.02)
+        assert first.wait(timeout=5) == EXIT_ORPHANED
+        assert time.time() - t0 < 15  # it stopped within seconds, not at the end of its run
         assert "stopping: " in first.stderr.read()  # the driver is dead, or replaced
         assert second.wait(timeout=300) == 0, second.stderr.read()
     finally:
         kill(new_driver)
+    assert first.pid in holders  # the check above did watch the first worker hold it
     with Store.open(out) as store:
         assert store.run("r")["status"] == "completed"
         steps = [r.step for r in store.metrics("r", ["train_loss"])["train_loss"]]
@@ -240,21 +250,23 @@ def test_a_worker_whose_driver_is_gone_stops_and_hands_the_run_over(tmp_path, ar
     assert steps == list(range(1, len(steps) + 1))  # every step once: none lost, none twice
     resumes = [e for e in events if e["kind"] == "resume"]
     interrupted = [e for e in events if e["kind"] == "interrupted"]
-    # The second worker started from the first one's last state: it waited for it to stop.
-    assert len(resumes) == 1 and len(interrupted) == 1
-    assert resumes[0]["detail"]["from_step"] == interrupted[0]["step"]
+    assert len(resumes) == 1 and len(interrupted) <= 1
+    if interrupted:  # it stopped at a step boundary in time: the second went on from there
+        assert resumes[0]["detail"]["from_step"] == interrupted[0]["step"]
 
 
 # ---- two drivers, a killed driver -------------------------------------------------------------
 
 def test_two_runs_on_one_directory_then_a_killed_driver(tmp_path, articles_data):
-    """The second `lmlab run` is refused naming the first; SIGKILL the first: its workers stop
+    """The second `lmlab run` is refused naming the first; SIGKILL the first: its worker stops
     within seconds, the stale lock is taken over, and the rerun's rows are exactly those of an
     uninterrupted run."""
     spec = base_spec(articles_data)
     spec["meta"]["seeds"] = [0]
-    spec["budget"] = {"tokens": 8 * 32 * 400}
-    spec["evaluation"].update(every_steps=100)
+    spec["independent"]["arms"] = {"slow": {"optimizer.lr": 1e-3}}
+    spec["hypothesis"]["checks"] = []
+    spec["budget"] = {"tokens": 8 * 32 * 100}
+    spec["evaluation"].update(every_steps=50)
     spec["cadence"].update(checkpoint_every_steps=20)
     path = write(tmp_path, spec)
     cmd = [sys.executable, "-m", "lmlab.cli", "run", str(path), "--skip-preflight", "--out"]
@@ -265,20 +277,25 @@ def test_two_runs_on_one_directory_then_a_killed_driver(tmp_path, articles_data)
     first = subprocess.Popen([*cmd, str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              text=True)
     lease = out / "runs" / "slow-s0" / "lease.json"
-    deadline = time.time() + 180
+    deadline = time.time() + 300
     while time.time() < deadline and first.poll() is None:
         if lease.exists() and (out / "lmlab.sqlite").exists():
             with Store.open(out) as store:
                 rows = store.metrics("slow-s0", ["train_loss"]).get("train_loss", []) \
                     if store.run("slow-s0") else []
-            if len(rows) >= 50:
+            if len(rows) >= 25:
                 break
         time.sleep(0.05)
     assert first.poll() is None, first.stderr.read()
     worker = read_holder(lease)
     assert worker is not None and pid_alive(worker.pid, worker.started)
-
-    second = subprocess.run([*cmd, str(out)], capture_output=True, text=True, timeout=120)
+    # The worker is paused while the second driver tries, so the first is mid-run however fast
+    # this machine is; the driver itself runs on and holds the lock.
+    os.kill(worker.pid, signal.SIGSTOP)
+    try:
+        second = subprocess.run([*cmd, str(out)], capture_output=True, text=True, timeout=120)
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
     assert second.returncode == 2, second.stderr
     assert f"pid {first.pid} on host {socket.gethostname()}" in second.stderr, second.stderr
     assert "since" in second.stderr and "Traceback" not in second.stderr
@@ -291,6 +308,8 @@ def test_two_runs_on_one_directory_then_a_killed_driver(tmp_path, articles_data)
         time.sleep(0.05)
     assert not pid_alive(worker.pid, worker.started), "the worker outlived its driver"
     assert time.time() - t0 < 10
+    with Store.open(out) as store:
+        assert store.metrics("slow-s0", ["train_loss"])["train_loss"][-1].step < 100
 
     rerun = subprocess.run([*cmd, str(out)], capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr

@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,19 +20,21 @@ import yaml
 
 from lmlab.config import RunConfig
 from lmlab.errors import UserError
+from lmlab.execute.experiment import estimate as estimate_wall_clock
+from lmlab.execute.experiment import prepare_plan_data
+from lmlab.execute.local import run_single
 from lmlab.model import build_model
 from lmlab.optim import optimizer_state_bytes
 from lmlab.spec.expand import load_plan
 from lmlab.spec.footprint import (
     activation_bytes,
-    estimate,
     layout,
     parameters,
 )
 from lmlab.spec.footprint import (
     optimizer_state_bytes as estimated_state_bytes,
 )
-from lmlab.spec.load import MAX_VALUES, load_yaml
+from lmlab.spec.load import MAX_VALUES, load_yaml, upgrade_run_doc, validate
 from lmlab.train.step import build_learner, loss_terms, train_step
 from test_spec import base_spec, line_of, refused, write
 
@@ -203,24 +204,25 @@ def test_lmlab_train_refuses_a_model_this_machine_cannot_hold(tmp_path, articles
     config = tmp_path / "huge.yaml"
     config.write_text(yaml.safe_dump({"data": articles_data, "model": {
         "n_layer": 10000, "d_model": 1000000, "n_head": 1000}, "budget": {"steps": 5}}))
-    done = lmlab("train", config, "--out", tmp_path / "out")
-    assert done.returncode == 2, done.stderr
-    line = line_of(config, "model:")
-    assert f"{config}:{line} model: the model (n_layer 10,000" in done.stderr, done.stderr
-    assert "of memory this machine has" in done.stderr and "Traceback" not in done.stderr
-    estimate_ = estimate(RunConfig.model_validate(yaml.safe_load(config.read_text())))
-    assert estimate_.n_params > 10**17
+    doc = upgrade_run_doc(load_yaml(config))
+    cfg = validate(doc, RunConfig)
+    with pytest.raises(UserError) as info, doc.located():  # as `lmlab train` runs it
+        run_single(cfg, tmp_path / "out", "huge-s0")
+    assert str(info.value).startswith(f"{config}:{line_of(config, 'model:')} model: the model "
+                                      "(n_layer 10,000")
+    assert "of memory this machine has" in info.value.message
+    assert not (tmp_path / "out").exists()  # refused before anything was created
 
 
 def test_a_failing_timing_worker_is_a_user_error_with_its_own_message(tmp_path, articles_data):
     spec = base_spec(articles_data)
     spec["controlled"]["tokenizer"] = {"kind": "gpt2"}
     spec["controlled"]["train"]["init_from"] = "./no-such-checkpoint"
-    done = lmlab("plan", write(tmp_path, spec))
-    assert done.returncode == 2, done.stderr
-    assert "arm slow: timing 12 steps of this shape failed: " in done.stderr
-    assert "pretrained GPT-2 directory './no-such-checkpoint' does not exist" in done.stderr
-    assert "Traceback" not in done.stderr
+    plan = load_plan(write(tmp_path, spec))
+    with pytest.raises(UserError) as info:
+        estimate_wall_clock(plan, None, prepare_plan_data(plan))
+    assert info.value.message.startswith("arm slow: timing 12 steps of this shape failed: ")
+    assert "pretrained GPT-2 directory './no-such-checkpoint' does not exist" in info.value.message
 
 
 # ---- hostile input --------------------------------------------------------------------------
@@ -285,8 +287,7 @@ def test_a_run_config_points_at_max_seq_len_too(tmp_path, articles_data):
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"data": articles_data, "model": {"max_seq_len": 16},
                                       "train": {"seq_len": 32}, "budget": {"steps": 2}}))
-    done = lmlab("train", config, "--out", tmp_path / "o")
-    assert done.returncode == 2
-    line = line_of(config, "max_seq_len:")
-    assert f"{config}:{line} model.max_seq_len: model.max_seq_len=16 is shorter" in done.stderr
-    assert not Path(tmp_path / "o").exists()
+    with pytest.raises(UserError) as info:
+        validate(upgrade_run_doc(load_yaml(config)), RunConfig)
+    assert str(info.value) == (f"{config}:{line_of(config, 'max_seq_len:')} model.max_seq_len: "
+                               "model.max_seq_len=16 is shorter than train.seq_len=32")

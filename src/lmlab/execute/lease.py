@@ -137,7 +137,7 @@ class Lease:
     """One lease file, taken by this process.
 
     ``acquire()`` takes it (a dead holder's too), ``keep_renewed()`` starts the heartbeat,
-    ``release()`` gives it back; as a context manager, all three. ``lost`` is set if the lease
+    ``release()`` stops it and gives the lease back. ``lost`` is set if the lease
     was found in someone else's name at a renewal (only a holder judged dead is ever overtaken:
     a host that stopped renewing for longer than the TTL).
     """
@@ -232,14 +232,6 @@ class Lease:
         self._thread = threading.Thread(target=beat, name=f"lease {self.path.name}", daemon=True)
         self._thread.start()
 
-    def __enter__(self) -> Lease:
-        self.acquire()
-        self.keep_renewed()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
 
 def read_holder(path: Path) -> Holder | None:
     """Who holds the lease at ``path`` (alive or not); None when nobody does."""
@@ -317,12 +309,6 @@ def hold_directory(directory: Path) -> Iterator[Lease]:
             del _HELD[key]
         with contextlib.suppress(OSError):  # a lock left behind is taken over as a dead one's
             lease.release()
-
-
-def held_lease(directory: Path) -> Lease | None:
-    """This process's lease on ``directory``, if it holds one."""
-    entry = _HELD.get((Path(directory) / LOCK_FILE).resolve())
-    return entry[0] if entry else None
 
 
 def move_held_directory(src: Path, dst: Path) -> None:
