@@ -336,7 +336,7 @@ def test_a_run_whose_worker_never_stops_is_left_to_it(tmp_path, articles_data):
     finally:
         kill(holder)
     assert done.returncode == 2, done.stderr
-    assert "run slow-s0: run slow-s0 already has a live worker, " \
+    assert "run slow-s0: already has a live worker, " \
            f"pid {holder.pid} on host {socket.gethostname()}" in done.stderr, done.stderr
     with Store.open(out) as store:
         states = {r["run_id"]: r["status"] for r in store.runs()}

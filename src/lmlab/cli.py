@@ -329,6 +329,7 @@ def doctor(
 
     if not directory.is_dir():
         raise UserError("no such experiment directory", file=str(directory))
+    store_doctor.store_file(directory)  # a store (or its WAL) is there to look at
     with hold_directory(directory):  # nobody may be writing while it is checked or replaced
         diagnosis = store_doctor.diagnose(directory)
         if diagnosis.whole:

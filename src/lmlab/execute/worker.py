@@ -59,9 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         lease.acquire(wait_s=RUN_LEASE_WAIT_S)
     except LeaseHeld as e:
-        print(f"error: run {args.run_id} already has a live worker, {e.holder.describe()}, "
-              f"that did not stop within {RUN_LEASE_WAIT_S:.0f} s; stop it (kill "
-              f"{e.holder.pid} on {e.holder.host}) and rerun", file=sys.stderr)
+        print(f"error: already has a live worker, {e.holder.describe()}, that did not stop "
+              f"within {RUN_LEASE_WAIT_S:.0f} s; stop it (kill {e.holder.pid} on "
+              f"{e.holder.host}) and rerun", file=sys.stderr)
         return EXIT_BUSY
     lease.keep_renewed()
     try:

@@ -74,7 +74,7 @@ class Recovery:
 def diagnose(directory: Path) -> Diagnosis:
     """SQLite's integrity check, on a copy. A UserError when there is nothing to check or
     nothing in the file can be read."""
-    store = _store_file(directory)
+    store = store_file(directory)
     with _working_copy(store) as copy, closing(sqlite3.connect(copy)) as conn:
         try:
             rows = conn.execute(f"PRAGMA integrity_check({INTEGRITY_LIMIT})").fetchall()
@@ -88,7 +88,7 @@ def diagnose(directory: Path) -> Diagnosis:
 def recover(directory: Path) -> Recovery:
     """Copy what can be read into a new store, then put it in the damaged one's place (the
     damaged file is moved aside, never changed). The caller holds the directory's lock."""
-    store = _store_file(directory)
+    store = store_file(directory)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     new = store.with_name(f"{STORE_FILE}.recovered-{stamp}")
     with _working_copy(store) as copy, closing(sqlite3.connect(copy)) as src:
@@ -262,7 +262,8 @@ def _record_losses(store: Store, salvage: _Salvage, damaged_name: str) -> None:
 
 # ---- files ------------------------------------------------------------------------------------
 
-def _store_file(directory: Path) -> Path:
+def store_file(directory: Path) -> Path:
+    """``directory``'s store file; a UserError when there is none (or only its WAL)."""
     store = Path(directory) / STORE_FILE
     check_not_orphaned_wal(store)
     if not store.is_file():
