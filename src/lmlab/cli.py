@@ -183,12 +183,14 @@ def preflight(
 ) -> None:
     """The Overfit Sanity Template for each distinct configuration; Pass/Fail in the store."""
     from lmlab.execute.experiment import open_experiment, run_preflight
+    from lmlab.execute.lease import hold_directory
 
     p = _plan(spec)
     out_dir = out_dir or Path("runs") / p.spec.meta.name
-    open_experiment(p, out_dir)
-    with console.status("preflight: overfitting a tiny slice..."), p.doc.located("controlled"):
-        record = run_preflight(p, out_dir)
+    with hold_directory(out_dir):  # one driver writes the directory at a time
+        open_experiment(p, out_dir)
+        with console.status("preflight: overfitting a tiny slice..."), p.doc.located("controlled"):
+            record = run_preflight(p, out_dir)
     table = Table(title="Overfit Sanity (preflight)")
     for col in ("arms", "steps", "initial loss", "final loss", "threshold", "NaN", "grads finite", "result"):
         table.add_column(col)
@@ -308,6 +310,48 @@ def export(
     with console.status(f"exporting to {to}..."):
         where = do_export(directory, to, dest)
     out.print(f"exported {directory} to {to}: {where}")
+
+
+PLAIN = {"markup": False, "highlight": False, "soft_wrap": True}  # paths and SQLite's words as is
+
+
+@app.command()
+def doctor(
+    directory: Annotated[Path, typer.Argument(help="an experiment directory")],
+    recover: Annotated[bool, typer.Option("--recover", help="copy what can be read into a new "
+                                          "store and put it in place; the damaged file is kept "
+                                          "aside")] = False,
+) -> None:
+    """Check the store with SQLite's integrity check and, with --recover, rebuild it from what
+    can still be read. The damaged file is never changed."""
+    from lmlab.execute.lease import hold_directory
+    from lmlab.store import doctor as store_doctor
+
+    if not directory.is_dir():
+        raise UserError("no such experiment directory", file=str(directory))
+    store_doctor.store_file(directory)  # a store (or its WAL) is there to look at
+    with hold_directory(directory):  # nobody may be writing while it is checked or replaced
+        diagnosis = store_doctor.diagnose(directory)
+        if diagnosis.whole:
+            out.print(f"{diagnosis.store}: ok (integrity check passed; schema "
+                      f"v{diagnosis.schema_version}, {diagnosis.runs} runs)", **PLAIN)
+            return
+        out.print(f"{diagnosis.store}: damaged. SQLite's integrity check says:", **PLAIN)
+        for problem in diagnosis.problems[:10]:
+            out.print(f"  {problem}", **PLAIN)
+        if not recover:
+            out.print(f"`lmlab doctor {directory} --recover` copies what can be read into a new "
+                      "store and keeps the damaged file aside", **PLAIN)
+            raise typer.Exit(1)
+        result = store_doctor.recover(directory)
+    out.print(f"recovered into {result.store}: " + ", ".join(
+        f"{table} {n:,} rows" for table, n in result.copied.items()), **PLAIN)
+    for what, ranges in result.lost.items():
+        shown = ", ".join(ranges[:8]) + (" ..." if len(ranges) > 8 else "")
+        out.print(f"  unreadable: {what} keys {shown}", **PLAIN)
+    if result.lost:
+        out.print("runs that lost rows carry a rows_lost event (lmlab status shows it)", **PLAIN)
+    out.print("the damaged store is kept as " + ", ".join(str(p) for p in result.kept), **PLAIN)
 
 
 def main() -> None:

@@ -14,10 +14,28 @@ spec's frozen-control check and the report both walk the tree as a whole.
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+
+def about(fields: tuple[str, ...], message: str) -> PydanticCustomError:
+    """A validation error of a check across fields, naming them (relative to the model that
+    checks): whoever reports it can point at the line of the one that was written."""
+    return PydanticCustomError("fields", message.replace("{", "{{").replace("}", "}}"),
+                               {"fields": fields})
+
+
+def error_fields(error: Mapping[str, Any]) -> list[str]:
+    """The dotted fields a pydantic error is about: those :func:`about` named, else its
+    location."""
+    loc = ".".join(str(p) for p in error.get("loc", ()))
+    named = (error.get("ctx") or {}).get("fields") or ()
+    return [f"{loc}.{f}" if loc else f for f in named] or ([loc] if loc else [])
 
 
 class _Config(BaseModel):
@@ -44,11 +62,21 @@ class DataConfig(_Config):
         return self
 
 
+GPT2_VOCAB_SIZE = 50257  # OpenAI's GPT-2 BPE (encoder.json)
+BYTE_VOCAB_SIZE = 256
+
+
 class TokenizerConfig(_Config):
     kind: Literal["bpe", "gpt2", "byte"] = "bpe"
     vocab_size: int = Field(8192, ge=260, description="bpe only: size of the trained vocabulary")
     # gpt2 only: a directory with encoder.json + vocab.bpe (skips the search order).
     path: str | None = None
+
+    @property
+    def planned_vocab_size(self) -> int:
+        """The vocabulary this config asks for, known before any tokenizer exists (a BPE trained
+        on a small corpus can come out smaller, never larger)."""
+        return {"bpe": self.vocab_size, "gpt2": GPT2_VOCAB_SIZE, "byte": BYTE_VOCAB_SIZE}[self.kind]
 
 
 class ModelConfig(_Config):
@@ -75,12 +103,25 @@ class ModelConfig(_Config):
     # Longest sequence the position table holds; default: the training seq_len.
     max_seq_len: int | None = None
 
+    @property
+    def mlp_width(self) -> int:
+        """The MLP hidden width: ``d_ff`` when set, else 4·d_model (gelu) or, for SwiGLU,
+        8/3·d_model rounded up to a multiple of 64, which keeps its three matrices at the
+        parameter count of the GELU MLP's two (Shazeer 2020) and the width friendly to matmul
+        tiling."""
+        if self.d_ff is not None:
+            return self.d_ff
+        if self.activation == "swiglu":
+            return 64 * math.ceil(8 * self.d_model / 3 / 64)
+        return 4 * self.d_model
+
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelConfig:
         if self.d_model % self.n_head:
-            raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+            raise about(("d_model", "n_head"),
+                        f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
         if self.positions == "rope" and (self.d_model // self.n_head) % 2:
-            raise ValueError("rope needs an even head dimension")
+            raise about(("d_model", "n_head"), "rope needs an even head dimension")
         return self
 
 
@@ -274,8 +315,9 @@ class RunConfig(Components):
     @model_validator(mode="after")
     def _positions_cover_seq_len(self) -> RunConfig:
         if self.model.max_seq_len is not None and self.model.max_seq_len < self.train.seq_len:
-            raise ValueError(f"model.max_seq_len={self.model.max_seq_len} is shorter than "
-                             f"train.seq_len={self.train.seq_len}")
+            raise about(("model.max_seq_len", "train.seq_len"),
+                        f"model.max_seq_len={self.model.max_seq_len} is shorter than "
+                        f"train.seq_len={self.train.seq_len}")
         return self
 
     def to_json(self) -> str:

@@ -12,8 +12,11 @@ from enum import StrEnum
 # -- files -----------------------------------------------------------------------------------------
 
 STORE_FILE = "lmlab.sqlite"  # one per experiment directory
-RUNS_DIR = "runs"  # DIR/runs/<run_id>/: checkpoint, worker log
+LOCK_FILE = "lmlab.lock"  # DIR/lmlab.lock: the lease of the one driver writing the directory
+RUNS_DIR = "runs"  # DIR/runs/<run_id>/: checkpoints, the run's lease, worker log
 CHECKPOINT_FILE = "checkpoint.pt"
+PREVIOUS_CHECKPOINT_FILE = "checkpoint.prev.pt"  # the one before, kept until the next is complete
+LEASE_FILE = "lease.json"  # DIR/runs/<run_id>/lease.json: the one worker training the run
 
 
 # -- run statuses ----------------------------------------------------------------------------------
@@ -52,6 +55,8 @@ class Event(StrEnum):
     OOM = "oom"  # out-of-memory error
     COMPILE_FALLBACK = "compile_fallback"  # torch.compile failed; the run went on eager
     RESUME = "resume"  # resumed from a checkpoint
+    CHECKPOINT_DAMAGED = "checkpoint_damaged"  # set aside; resumed from an earlier one or afresh
+    ROWS_LOST = "rows_lost"  # lmlab doctor rebuilt a damaged store without some of the run's rows
     INTERRUPTED = "interrupted"
     PREFLIGHT = "preflight"  # experiment-level: the Overfit Sanity outcome
 

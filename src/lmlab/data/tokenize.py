@@ -30,7 +30,13 @@ import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from lmlab.config import DataConfig, TokenizerConfig, expand_path
+from lmlab.config import (
+    BYTE_VOCAB_SIZE,
+    GPT2_VOCAB_SIZE,
+    DataConfig,
+    TokenizerConfig,
+    expand_path,
+)
 from lmlab.data.wikitext import (
     SPLITS,
     Corpus,
@@ -51,7 +57,6 @@ BPE_RECIPE_VERSION = 1
 
 GPT2_DIR = "gpt2-tokenizer"
 GPT2_HF_REPO = "openai-community/gpt2"
-GPT2_VOCAB_SIZE = 50257
 # Each pair holds the same content under OpenAI's names and the hub's names.
 GPT2_FILE_PAIRS = (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt"))
 GPT2_HELLO_WORLD = [15496, 995]  # "Hello world" under the real GPT-2 tokenizer
@@ -98,7 +103,7 @@ class Tokenizer(ABC):
 
 class ByteTokenizer(Tokenizer):
     kind = "byte"
-    vocab_size = 256
+    vocab_size = BYTE_VOCAB_SIZE
     hash = "byte-utf8"
 
     def encode(self, text: str) -> list[int]:

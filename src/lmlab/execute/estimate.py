@@ -16,6 +16,7 @@ estimate against real runs.
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import sys
@@ -29,9 +30,11 @@ import torch
 from lmlab.config import RunConfig
 from lmlab.data.batches import iter_eval_batches
 from lmlab.data.tokenize import DataBundle
+from lmlab.errors import UserError
 from lmlab.identity import digest
-from lmlab.names import STEP_TIME
+from lmlab.names import STEP_TIME, Event
 from lmlab.spec.expand import Plan, PlannedRun
+from lmlab.spec.footprint import check_fits, host_memory_bytes
 from lmlab.store import Store
 from lmlab.train.diagnostics import Diagnostics
 from lmlab.train.evaluate import evaluate
@@ -67,18 +70,33 @@ def time_shape(cfg: RunConfig, data: DataBundle, base: Path | None = None) -> Sh
             store.add_run("estimate", "estimate", 0, probe_cfg.to_json(), probe_cfg.config_hash)
         # In a worker process, as `lmlab run` does: the time around the steps and evaluations
         # (interpreter, imports, data loading, provenance, store, checkpoint) is part of a run.
-        cmd = [sys.executable, "-m", "lmlab.execute.worker", tmp, "estimate"]
+        cmd = [sys.executable, "-m", "lmlab.execute.worker", tmp, "estimate",
+               "--driver-pid", str(os.getpid())]
         if base is not None:
             cmd += ["--base", str(base)]
         t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, capture_output=True)
+        done = subprocess.run(cmd, capture_output=True, text=True)
         total = time.perf_counter() - t0
         with Store.open(Path(tmp)) as store:
             rows = store.metrics("estimate", [STEP_TIME]).get(STEP_TIME, [])
+            if done.returncode != 0 or not rows:
+                raise UserError(f"timing {PROBE_STEPS} steps of this shape failed: "
+                                f"{_why(done, store)}")
     times = [r.value for r in rows[WARMUP_STEPS:]] or [r.value for r in rows]
     step_s = statistics.median(times)
 
     device = resolve_device(cfg.train.device)
+    try:
+        return _time_evaluations(cfg, data, device, total, step_s)
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "allocate" not in str(e):
+            raise  # not a memory error: a bug
+        raise UserError(f"timing an evaluation of this shape ran out of memory: {e}",
+                        field="evaluation.batch_size") from None
+
+
+def _time_evaluations(cfg: RunConfig, data: DataBundle, device: torch.device, total: float,
+                      step_s: float) -> ShapeTiming:
     model = build_run_model(cfg, data.tokenizer.vocab_size).to(device)
 
     def timed_eval(max_batches: int | None) -> float:
@@ -99,6 +117,22 @@ def time_shape(cfg: RunConfig, data: DataBundle, base: Path | None = None) -> Sh
         torch.cuda.empty_cache()
     return ShapeTiming(setup_s=setup_s, step_s=step_s, eval_s=eval_s,
                        final_eval_s=final_eval_s, probe_s=probe_s)
+
+
+def _why(done: subprocess.CompletedProcess, store: Store) -> str:
+    """The timing worker's own account of why it produced no step times: its error message or
+    the last line of its traceback, else how the run stopped (out of memory, say)."""
+    lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
+    errors = [ln.removeprefix("error: ") for ln in lines if ln.startswith("error: ")]
+    if errors:
+        return errors[-1]
+    if done.returncode != 0:
+        return lines[-1] if lines else f"its worker exited with status {done.returncode}"
+    row = store.run("estimate") or {}
+    events = [e for e in store.events("estimate") if e["kind"] != Event.RESUME]
+    detail = f" ({events[-1]['kind']}: {events[-1]['detail'].get('error', events[-1]['detail'])})" \
+        if events else ""
+    return f"the run ended {row.get('status')} before its first log interval{detail}"
 
 
 def _n_periodic_evals(run: PlannedRun, steps: int) -> int:
@@ -132,14 +166,49 @@ def estimate_run(run: PlannedRun, t: ShapeTiming, test_split_ratio: float) -> fl
             + t.final_eval_s + probes * t.probe_s + test_s)
 
 
+def device_memory(device_name: str) -> tuple[int, str]:
+    """(bytes, what they are) of the memory one run gets where it trains: a GPU (the smallest
+    of this machine's; each run has one), else this machine's memory."""
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        gpus = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
+        smallest = min(gpus, key=lambda g: g.total_memory)
+        return smallest.total_memory, f"one {smallest.name}"
+    return host_memory_bytes(), "this machine"
+
+
+def check_memory(cfg: RunConfig, vocab_size: int | None = None) -> None:
+    """Refuse, before anything is allocated, a config whose estimated footprint
+    (:mod:`lmlab.spec.footprint`) cannot fit the device it would train on or its budget."""
+    capacity, where = device_memory(cfg.train.device)
+    too_big = check_fits(cfg, capacity=capacity, where=where, vocab_size=vocab_size)
+    if too_big is not None:
+        raise UserError(too_big.message, field=too_big.field)
+
+
+def check_plan_memory(plan: Plan, data: DataBundle) -> None:
+    for arm in plan.arms:
+        try:
+            check_memory(plan.arm_config(arm), data.tokenizer.vocab_size)
+        except UserError as e:
+            e.message = f"arm {arm}: {e.message}"
+            raise
+
+
 def estimate_plan(plan: Plan, data: DataBundle) -> dict[str, float]:
-    """{run_id: expected seconds}, timing each distinct shape once."""
+    """{run_id: expected seconds}, timing each distinct shape once (after checking that each
+    fits its device: a timing run must not be what finds out)."""
+    check_plan_memory(plan, data)
     timings: dict[str, ShapeTiming] = {}
     ratio = len(data.splits["test"]) / max(len(data.splits["valid"]), 1)
     out: dict[str, float] = {}
     for run in plan.runs:
         key = digest(run.config, "cost")
         if key not in timings:
-            timings[key] = time_shape(run.config, data, plan.base)
+            try:
+                timings[key] = time_shape(run.config, data, plan.base)
+            except UserError as e:
+                e.message = f"arm {run.arm}: {e.message}"
+                raise
         out[run.run_id] = estimate_run(run, timings[key], ratio)
     return out

@@ -18,7 +18,8 @@ import torch
 
 from lmlab.data.tokenize import DataBundle, prepare_data
 from lmlab.errors import UserError
-from lmlab.execute.estimate import estimate_plan
+from lmlab.execute.estimate import check_plan_memory, estimate_plan
+from lmlab.execute.lease import hold_directory, move_held_directory
 from lmlab.execute.local import run_sweep
 from lmlab.identity import same
 from lmlab.names import RESULT_PLAN, RESULT_PREFLIGHT, RESULT_SPEC, STORE_FILE, Event
@@ -45,16 +46,22 @@ def check_hardware(plan: Plan) -> None:
 def _archive(out_dir: Path) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     target = out_dir.with_name(f"{out_dir.name}.old-{stamp}")
-    out_dir.rename(target)
+    move_held_directory(out_dir, target)
     return target
 
 
 def open_experiment(plan: Plan, out_dir: Path, *, force_new: bool = False) -> Path | None:
     """Record the spec and plan in ``out_dir``; refuse to mix two designs. Returns where an
     older experiment was moved to when ``force_new`` had to move one."""
+    with hold_directory(out_dir):
+        return _open_experiment(plan, out_dir, force_new)
+
+
+def _open_experiment(plan: Plan, out_dir: Path, force_new: bool) -> Path | None:
     moved = None
     if (out_dir / STORE_FILE).exists():
         with Store.open(out_dir) as store:
+            store.check_intact()  # refused now, not by a worker halfway through
             existing = {r["run_id"]: r["config"] for r in store.runs()}
         planned = {r.run_id: r.config for r in plan.runs}
         changed = sorted(rid for rid, cfg in existing.items()
@@ -102,13 +109,18 @@ def estimate(plan: Plan, out_dir: Path | None, data: DataBundle) -> dict[str, An
         r["estimate_s"] = estimates[r["run_id"]]
     record["estimate_total_s"] = sum(estimates.values())
     if out_dir is not None:
-        with Store.open(out_dir) as store:
+        with hold_directory(out_dir), Store.open(out_dir) as store:
             store.put_result(RESULT_PLAN, record)
     return record
 
 
 def run_preflight(plan: Plan, out_dir: Path, data: DataBundle | None = None) -> dict[str, Any]:
     """The Overfit Sanity Template for each distinct configuration; results go to the store."""
+    with hold_directory(out_dir):
+        return _run_preflight(plan, out_dir, data)
+
+
+def _run_preflight(plan: Plan, out_dir: Path, data: DataBundle | None) -> dict[str, Any]:
     pf = plan.spec.preflight
     groups: dict[str, tuple[Any, list[str]]] = {}
     for run in plan.runs:
@@ -141,9 +153,18 @@ def _same_data(plan: Plan, cfg: Any) -> bool:
 
 def run_experiment(plan: Plan, out_dir: Path, *, skip_preflight: bool = False,
                    force_new: bool = False, parallel: int | None = None) -> dict[str, Any]:
+    """The whole experiment, holding ``out_dir``'s lock from the first write to the last (a
+    second driver is refused, naming this one)."""
     check_hardware(plan)
+    with hold_directory(out_dir):
+        return _run_experiment(plan, out_dir, skip_preflight, force_new, parallel)
+
+
+def _run_experiment(plan: Plan, out_dir: Path, skip_preflight: bool, force_new: bool,
+                    parallel: int | None) -> dict[str, Any]:
     moved = open_experiment(plan, out_dir, force_new=force_new)
     data = prepare_plan_data(plan)
+    check_plan_memory(plan, data)  # on the device the runs will have, before any is built
     with Store.open(out_dir) as store:
         planned = store.get_result(RESULT_PLAN) or {}
         have_preflight = store.get_result(RESULT_PREFLIGHT)

@@ -35,8 +35,18 @@ from rich.progress import (
 
 from lmlab.config import RunConfig
 from lmlab.errors import UserError
+from lmlab.execute.estimate import check_memory
+from lmlab.execute.lease import EXIT_BUSY, RUN_LEASE_WAIT_S, Lease, hold_directory
 from lmlab.identity import same
-from lmlab.names import FINISHED, RUNS_DIR, TOKENS_PER_S, TRAIN_LOSS, VAL_LOSS, Status
+from lmlab.names import (
+    FINISHED,
+    LEASE_FILE,
+    RUNS_DIR,
+    TOKENS_PER_S,
+    TRAIN_LOSS,
+    VAL_LOSS,
+    Status,
+)
 from lmlab.spec.expand import PlannedRun
 from lmlab.store import Store
 from lmlab.train.loop import LogLine, RunResult, train
@@ -81,9 +91,13 @@ def _progress() -> Progress:
 
 def run_single(cfg: RunConfig, out_dir: Path, run_id: str, *, base: Path | None = None,
                arm: str = "run") -> RunResult:
-    """Train one configuration in this process, with a progress bar."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with Store.open(out_dir) as store, stop_on_signals() as stop, _progress() as progress:
+    """Train one configuration in this process, with a progress bar. Holds the directory's lock
+    and the run's lease throughout."""
+    check_memory(cfg)
+    lease = Lease(out_dir / RUNS_DIR / run_id / LEASE_FILE, command=f"lmlab train, run {run_id}")
+    with hold_directory(out_dir), _holding(lease), Store.open(out_dir) as store, \
+            stop_on_signals() as stop, _progress() as progress:
+        store.check_intact()
         existing = store.run(run_id)
         if existing is not None and not same(existing["config"], cfg):
             raise UserError(f"{out_dir} already holds run {run_id} of a different config: its "
@@ -110,6 +124,17 @@ def run_single(cfg: RunConfig, out_dir: Path, run_id: str, *, base: Path | None 
             raise
 
 
+@contextmanager
+def _holding(lease: Lease) -> Iterator[Lease]:
+    """A run's lease, waiting a little for a worker of a killed driver to stop first."""
+    lease.acquire(wait_s=RUN_LEASE_WAIT_S)
+    lease.keep_renewed()
+    try:
+        yield lease
+    finally:
+        lease.release()
+
+
 def _devices() -> list[str | None]:
     """Slots for concurrent runs: one per GPU, or a single CPU slot."""
     n = torch.cuda.device_count()
@@ -118,8 +143,15 @@ def _devices() -> list[str | None]:
 
 def run_sweep(runs: list[PlannedRun], out_dir: Path, *, base: Path | None = None,
               parallel: int | None = None) -> dict[str, str]:
-    """Run every planned run that is not completed yet, each in its own worker process.
-    Returns {run_id: final status}."""
+    """Run every planned run that is not completed yet, each in its own worker process, holding
+    the directory's lock. Returns {run_id: final status}; a run that stopped on an error the user
+    can fix (or that another live worker holds) is a UserError once every other run is done."""
+    with hold_directory(out_dir) as lock:
+        return _run_sweep(runs, out_dir, lock, base=base, parallel=parallel)
+
+
+def _run_sweep(runs: list[PlannedRun], out_dir: Path, lock: Lease, *, base: Path | None,
+               parallel: int | None) -> dict[str, str]:
     slots = _devices()
     if parallel:
         slots = (slots * parallel)[:parallel] if slots == [None] else slots[:parallel]
@@ -137,7 +169,11 @@ def run_sweep(runs: list[PlannedRun], out_dir: Path, *, base: Path | None = None
         active: dict[str, tuple[subprocess.Popen, int, str | None]] = {}
         queue = list(todo)
         free = list(slots)
+        needs_you: dict[str, str] = {}  # run -> the error a user can fix, or the live worker
         while queue or active:
+            if lock.lost.is_set() and not stop.is_set():  # another host judged this driver dead
+                console.print(f"[red]{out_dir}: this driver's lock was taken over; stopping[/]")
+                stop.set()
             while queue and free and not stop.is_set():
                 run = queue.pop(0)
                 slot = free.pop(0)
@@ -146,7 +182,10 @@ def run_sweep(runs: list[PlannedRun], out_dir: Path, *, base: Path | None = None
                     env["CUDA_VISIBLE_DEVICES"] = slot
                 elif len(slots) > 1:  # CPU runs side by side share the cores instead of fighting
                     env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(slots)))
-                cmd = [sys.executable, "-m", "lmlab.execute.worker", str(out_dir), run.run_id]
+                # The worker dies with this process (Linux) and stops when the lock stops
+                # naming it (anywhere): a rerun never races an orphan.
+                cmd = [sys.executable, "-m", "lmlab.execute.worker", str(out_dir), run.run_id,
+                       "--driver-pid", str(os.getpid()), "--driver-token", lock.token]
                 if base is not None:
                     cmd += ["--base", str(base)]
                 # stderr to a file, never a pipe: a chatty worker (compile logs) would block
@@ -173,10 +212,14 @@ def run_sweep(runs: list[PlannedRun], out_dir: Path, *, base: Path | None = None
                 stderr = (out_dir / RUNS_DIR / run_id / "worker.log").read_text(errors="replace")
                 row = store.run(run_id) or {}
                 state = row.get("status", Status.FAILED)
-                if proc.returncode != 0 and state in (Status.RUNNING, Status.PENDING):
+                if proc.returncode in (2, EXIT_BUSY):
+                    needs_you[run_id] = _last_error(stderr)
+                # EXIT_BUSY: another live worker has the run, and its records are its own.
+                if proc.returncode not in (0, EXIT_BUSY) and \
+                        state in (Status.RUNNING, Status.PENDING):
                     state = Status.INTERRUPTED if stop.is_set() else Status.FAILED
                     store.set_status(run_id, state, error=stderr[-4000:])
-                if state == Status.FAILED:
+                if state == Status.FAILED and run_id not in needs_you:
                     console.print(f"[red]{run_id} failed[/]\n{stderr[-2000:]}")
                 results[run_id] = state
                 progress.update(task, completed=TICKS, info=state)
@@ -185,7 +228,20 @@ def run_sweep(runs: list[PlannedRun], out_dir: Path, *, base: Path | None = None
                 free.append(slot)
     for r in runs:
         results.setdefault(r.run_id, Status.PENDING)
+    if needs_you:
+        by_error: dict[str, list[str]] = {}
+        for run_id, error in needs_you.items():
+            by_error.setdefault(error, []).append(run_id)
+        raise UserError("; ".join(f"run {', '.join(ids)}: {error}"
+                                  for error, ids in by_error.items())
+                        + f" (every other run went on: lmlab status {out_dir})")
     return results
+
+
+def _last_error(worker_log: str) -> str:
+    """The worker's own message: its last ``error: ...`` line."""
+    lines = [ln for ln in worker_log.splitlines() if ln.startswith("error: ")]
+    return lines[-1].removeprefix("error: ") if lines else worker_log.strip()[-500:]
 
 
 def _run_progress(store: Store, run_id: str, runs: list[PlannedRun]) -> float:

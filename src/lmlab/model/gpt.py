@@ -38,14 +38,8 @@ def _norm(cfg: ModelConfig) -> nn.Module:
 
 
 def mlp_width(cfg: ModelConfig) -> int:
-    """The MLP hidden width: ``d_ff`` when set, else 4·d_model (gelu) or, for SwiGLU, 8/3·d_model
-    rounded up to a multiple of 64, which keeps its three matrices at the parameter count of the
-    GELU MLP's two (Shazeer 2020) and the width friendly to matmul tiling."""
-    if cfg.d_ff is not None:
-        return cfg.d_ff
-    if cfg.activation == "swiglu":
-        return 64 * math.ceil(8 * cfg.d_model / 3 / 64)
-    return 4 * cfg.d_model
+    """The MLP hidden width (the rule is :attr:`ModelConfig.mlp_width`'s)."""
+    return cfg.mlp_width
 
 
 class MLP(nn.Module):

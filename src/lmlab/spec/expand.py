@@ -20,10 +20,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from lmlab.config import Components, RunConfig, TrainConfig, flatten
+from lmlab.config import Components, RunConfig, TrainConfig, error_fields, flatten
 from lmlab.identity import run_id
 from lmlab.names import EFFECTIVE_BATCH_PATHS, PER_SEED_PATHS
 from lmlab.spec import expr
+from lmlab.spec.footprint import check_fits, host_memory_bytes
 from lmlab.spec.load import YamlDoc, load_yaml, upgrade_spec_doc, validate
 from lmlab.spec.schema import Spec
 
@@ -171,6 +172,7 @@ def expand(spec: Spec, doc: YamlDoc) -> Plan:
         raise doc.error("independent", f"arm names must be unique: {sorted(duplicates)}")
 
     # ---- one resolved config tree per arm --------------------------------------------------------
+    evaluation = spec.evaluation.model_dump(mode="json", exclude={"primary_metric"})
     arm_trees: dict[str, dict[str, Any]] = {}
     arm_values: dict[str, dict[str, Any]] = {}
     for name, values, where in design:
@@ -202,20 +204,29 @@ def expand(spec: Spec, doc: YamlDoc) -> Plan:
                 f"arm {name}: model.sdpa_backend 'flash' has no fp32 kernel (FlashAttention "
                 "runs fp16/bf16): use train.precision bf16 or fp16, or sdpa_backend efficient, "
                 "math or auto")
+        # An error is blamed on the exact field: a derived value first (it is the one computed,
+        # not written), then the arm's own values, else the controlled field it is about.
+        written = {p: f"independent.derived.{p}" for p in ind.derived} | \
+            {p: f"{where}.{p}" for p in values}
         try:  # once per arm, derived values included
-            RunConfig.model_validate({**tree, "budget": {"steps": 1}})
+            probe = RunConfig.model_validate({**tree, "evaluation": evaluation, "budget": {
+                "steps": 1, "max_memory_mb": spec.budget.max_memory_mb}})
         except ValidationError as e:
             err = e.errors()[0]
-            loc = ".".join(str(p) for p in err["loc"])
-            # Blame the exact field; for a section-level error, a derived value first (it is the
-            # one computed, not written), then the arm's own values.
-            written = {p: f"independent.derived.{p}" for p in ind.derived} | \
-                {p: f"{where}.{p}" for p in values}
-            path = loc if loc in written else \
-                next((p for p in written if loc.startswith(p) or p.startswith(loc)), None)
+            fields = error_fields(err)
+            field, path = _blame(fields, written)
             got = f" (got {arm_values[name][path]!r})" if path else ""
-            raise doc.error(written.get(path, where), f"arm {name}: {loc}: "
+            # A check across fields names them itself; otherwise say which field it is.
+            which = "" if (err.get("ctx") or {}).get("fields") or not fields else f"{fields[0]}: "
+            raise doc.error(field, f"arm {name}: {which}"
                             f"{err['msg'].removeprefix('Value error, ')}{got}") from None
+        # What cannot fit budget.max_memory_mb, or this machine when the spec is for any
+        # hardware or the CPU, is refused before anything runs (a GPU spec is checked against
+        # its device by `lmlab plan` and `run`).
+        here = spec.controlled.hardware in ("any", "cpu", "")
+        too_big = check_fits(probe, capacity=host_memory_bytes() if here else None)
+        if too_big is not None:
+            raise doc.error(_blame([too_big.field], written)[0], f"arm {name}: {too_big.message}")
 
     # ---- the controls: only declared variables may differ -------------------------------------
     flat = {name: flatten(tree) for name, tree in arm_trees.items()}
@@ -246,7 +257,6 @@ def expand(spec: Spec, doc: YamlDoc) -> Plan:
     # ---- budgets by comparison axis, then arms x seeds ------------------------------------------
     plan = Plan(spec=spec, doc=doc, arms=arm_values,
                 variables=sorted(declared | set(ind.derived)), reference=reference)
-    evaluation = spec.evaluation.model_dump(mode="json", exclude={"primary_metric"})
     cadence = spec.cadence.model_dump(mode="json")
     for name in arm_names:
         budget, eval_cfg = _resolve_budget(spec, doc, name, arm_trees[name], evaluation)
@@ -258,6 +268,17 @@ def expand(spec: Spec, doc: YamlDoc) -> Plan:
             plan.runs.append(PlannedRun(run_id=run_id(name, seed), arm=name, seed=seed,
                                         config=cfg, values=arm_values[name]))
     return plan
+
+
+def _blame(fields: list[str], written: dict[str, str]) -> tuple[str, str | None]:
+    """(the spec field to point at, the arm's path it matched) for an error about ``fields``
+    (RunConfig paths): an arm's own or derived value at, under or over one of them, else the
+    first field in ``controlled``."""
+    for f in fields:
+        for path, spec_field in written.items():
+            if path == f or path.startswith(f + ".") or f.startswith(path + "."):
+                return spec_field, path
+    return (f"controlled.{fields[0]}" if fields else "controlled"), None
 
 
 def addendum_requested(spec: Spec) -> bool:

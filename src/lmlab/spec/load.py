@@ -102,21 +102,49 @@ def _walk(node: yaml.Node, prefix: str, lines: dict[str, int], doc_path: Path) -
             _walk(item, path, lines, doc_path)
 
 
+# A spec or config file is a few kilobytes of text. These bounds refuse what is not one, in
+# milliseconds: a binary file, or an alias "bomb" (anchors referencing anchors: a few hundred
+# bytes that expand to billions of values once anything walks them).
+MAX_BYTES = 1 << 20
+MAX_VALUES = 100_000
+
+
 def load_yaml(path: Path | str) -> YamlDoc:
     path = Path(path)
     try:
-        text = path.read_text()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_BYTES + 1)
     except FileNotFoundError:
         raise UserError("file not found", file=str(path)) from None
     except OSError as e:
         raise UserError(f"cannot read: {e.strerror}", file=str(path)) from None
+    if len(raw) > MAX_BYTES:
+        raise UserError(f"more than {MAX_BYTES >> 20} MiB: not a spec or config file",
+                        file=str(path))
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise UserError(f"not UTF-8 text (byte {e.start}): a spec or config file is YAML text",
+                        file=str(path), line=line) from None
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.reader.ReaderError as e:  # a control character: binary data in a UTF-8 file
+        raise UserError(f"not YAML text: character {e.character:#06x} is not allowed",
+                        file=str(path), line=text[:e.position].count("\n") + 1) from None
+    try:
+        node = loader.get_single_node()
+        if node is not None:
+            _check_size(node, path)
+        data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else None
         raise UserError(f"YAML syntax error: {e.problem or e}", file=str(path), line=line) from None
+    except RecursionError:  # the parser recurses per level of nesting
+        raise UserError("nested too deeply: not a spec or config file", file=str(path)) from None
+    finally:
+        loader.dispose()
     lines: dict[str, int] = {}
     if node is not None:
         _walk(node, "", lines, path)
@@ -125,6 +153,40 @@ def load_yaml(path: Path | str) -> YamlDoc:
     if not isinstance(data, dict):
         raise UserError("expected a mapping of sections at the top level", file=str(path), line=1)
     return YamlDoc(path=path, data=data, lines=lines)
+
+
+def _check_size(root: yaml.Node, path: Path) -> None:
+    """Refuse a document whose aliases expand to more than ``MAX_VALUES`` values, or refer to
+    themselves. Each node's expanded size is computed once (the graph is small even when what
+    it expands to is not), so this takes time in the document's length, not its expansion."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def expanded(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise UserError("a YAML alias refers to itself", file=str(path),
+                            line=node.start_mark.line + 1)
+        open_nodes.add(key)
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        total = 1
+        for child in children:
+            total += expanded(child)
+            if total > MAX_VALUES:
+                raise UserError(f"its aliases expand to more than {MAX_VALUES:,} values: not a "
+                                "spec or config file", file=str(path),
+                                line=node.start_mark.line + 1)
+        open_nodes.discard(key)
+        sizes[key] = total
+        return total
+
+    expanded(root)
 
 
 # -- documents written for lmlab 0.1 --------------------------------------------------------------
@@ -168,6 +230,8 @@ def validate(doc: YamlDoc, model: type[M], data: Any = None, prefix: str = "") -
         err = e.errors()[0]
         # Drop pydantic's union/tag segments (they are not fields a user wrote).
         loc = [str(p) for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-")))]
+        # A check across fields (config.about) names them: point at the first one's line.
+        loc += (err.get("ctx") or {}).get("fields", ())[:1]
         field = ".".join(([prefix] if prefix else []) + loc)
         more = len(e.errors()) - 1
         suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""

@@ -14,6 +14,10 @@ resuming from its last checkpoint.
 Non-finite metric values: SQLite turns a bound NaN into NULL, while ``inf`` and ``-inf`` are
 kept as REAL. The metric ``value`` column is otherwise never NULL, so a NULL read back *is* a NaN
 and is returned as ``float("nan")``; infinities round-trip unchanged.
+
+A damaged file (not a database at all, or with damaged pages) is a user error from whichever
+statement meets the damage first (:mod:`lmlab.store.connection`); ``lmlab doctor``
+(:mod:`lmlab.store.doctor`) checks it and copies what can be read into a new store.
 """
 
 from __future__ import annotations
@@ -32,12 +36,7 @@ from typing import Any, NamedTuple
 from lmlab.config import LEGACY_CADENCE_KEYS, upgrade_run_tree
 from lmlab.errors import UserError
 from lmlab.names import RESULT_SPEC, STATUSES, STORE_FILE, TERMINAL, Status
-
-# Writers wait this long for the lock before giving up. Runs write once per log interval, so a
-# wait of more than a few milliseconds means something is badly wrong; a minute is a safe margin
-# on a loaded machine (many runs, slow network file systems).
-BUSY_TIMEOUT_S = 60.0
-
+from lmlab.store.connection import check_not_orphaned_wal, connect, damaged
 
 
 class Migration(NamedTuple):
@@ -151,6 +150,27 @@ MIGRATIONS: list[Migration] = [
 ]
 
 
+def upgrade(conn: sqlite3.Connection, path: Path, to: int) -> None:
+    """Apply the migrations from the database's version up to ``to``, inside the caller's
+    transaction."""
+    conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    current = int(row[0]) if row else 0
+    latest = max(m.version for m in MIGRATIONS)
+    if current > latest:
+        raise UserError(
+            f"this experiment database has schema version {current}, but this lmlab "
+            f"only knows up to {latest}; upgrade lmlab to read it", file=str(path))
+    for migration in sorted(MIGRATIONS, key=lambda m: m.version)[current:to]:
+        migration.apply(conn)
+    if current < to:
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (str(to),))
+        if current == 0:
+            conn.execute("INSERT INTO meta (key, value) VALUES ('created_at', ?)", (_now(),))
+
+
 class MetricRow(NamedTuple):
     """One logged value with its three possible x-axes."""
 
@@ -200,16 +220,8 @@ class Store:
         if path.is_dir():
             path = path / STORE_FILE
         self.path = path
-        # isolation_level=None: the sqlite3 module opens no transactions behind our back; every
-        # write below says BEGIN IMMEDIATE ... COMMIT itself.
-        self._conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        self._conn = connect(path)
         try:
-            self._conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-            self._conn.execute("PRAGMA journal_mode = WAL")
-            # FULL syncs the WAL on every commit. Commits are rare (one per log interval), and a
-            # resumed run relies on every row up to its checkpoint being on disk.
-            self._conn.execute("PRAGMA synchronous = FULL")
-            self._conn.execute("PRAGMA foreign_keys = ON")
             self._migrate()
         except BaseException:
             self._conn.close()
@@ -227,9 +239,17 @@ class Store:
         """The store of the experiment in ``directory``; a UserError when there is none (a
         command that only reads must not create an empty experiment)."""
         path = Path(directory) / STORE_FILE
+        check_not_orphaned_wal(path)
         if not path.is_file():
             raise UserError(f"no lmlab results here ({STORE_FILE} missing)", file=str(directory))
         return cls(path)
+
+    def check_intact(self) -> None:
+        """SQLite's quick check over every page: a command that is about to write (``lmlab run``,
+        ``train``) refuses a damaged store up front instead of meeting the damage halfway."""
+        problems = [row[0] for row in self._conn.execute("PRAGMA quick_check(5)").fetchall()]
+        if problems != ["ok"]:
+            raise damaged(self.path, "damaged", "; ".join(problems[:3]))
 
     def close(self) -> None:
         self._conn.close()
@@ -264,26 +284,10 @@ class Store:
         versions = [m.version for m in migrations]
         if versions != list(range(1, len(versions) + 1)):
             raise RuntimeError(f"migration versions must be 1, 2, ... without gaps: {versions}")
-        latest = versions[-1]
         # One transaction for the whole upgrade: two processes opening a fresh file at once
         # serialise here, and the second finds the schema already in place.
         with self._write() as conn:
-            conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
-            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            current = int(row[0]) if row else 0
-            if current > latest:
-                raise UserError(
-                    f"this experiment database has schema version {current}, but this lmlab "
-                    f"only knows up to {latest}; upgrade lmlab to read it",
-                    file=str(self.path))
-            for migration in migrations[current:]:
-                migration.apply(conn)
-            if current < latest:
-                conn.execute(
-                    "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
-                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (str(latest),))
-                if current == 0:
-                    conn.execute("INSERT INTO meta (key, value) VALUES ('created_at', ?)", (_now(),))
+            upgrade(conn, self.path, versions[-1])
 
     @property
     def schema_version(self) -> int:

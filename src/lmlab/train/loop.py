@@ -28,7 +28,7 @@ from lmlab.names import TEST, VAL, Event
 from lmlab.optim import build_schedule, optimizer_state_bytes, set_lr
 from lmlab.store import Store
 from lmlab.store.provenance import capture
-from lmlab.train.checkpoint import check_belongs, load_checkpoint, save_checkpoint
+from lmlab.train.checkpoint import SetAside, check_belongs, resume_checkpoint, save_checkpoint
 from lmlab.train.diagnostics import Diagnostics
 from lmlab.train.evaluate import evaluate
 from lmlab.train.memory import reset_peak
@@ -75,8 +75,10 @@ def train(cfg: RunConfig, run_id: str, store: Store, run_dir: Path, *, base: Pat
     cadence = eval_cadence(cfg.evaluation)
     state = RunState()
     recorder = Recorder(store, run_id, cfg, device)
-    resumed = _resume(run_dir, cfg, learner, state, recorder)
+    resumed, damaged = _resume(run_dir, cfg, learner, state, recorder)
     recorder.start(state, resumed, _provenance(data, device))
+    for aside in damaged:  # after start(): it drops the events past the resumed step
+        recorder.event(state.at, Event.CHECKPOINT_DAMAGED, aside.detail())
     learner.forward = CompileFallback(learner.raw, cfg.train.compile,
                                       partial(recorder.compile_fallback, state))
     reset_peak(device)
@@ -185,17 +187,19 @@ def _checkpoint(run_dir: Path, cfg: RunConfig, learner: Learner, state: RunState
 
 
 def _resume(run_dir: Path, cfg: RunConfig, learner: Learner, state: RunState,
-            recorder: Recorder) -> bool:
-    """Load ``run_dir``'s checkpoint into the learner, state and recorder; False when there is
-    none. A checkpoint of another config is refused (and kept)."""
-    ckpt = load_checkpoint(run_dir)
+            recorder: Recorder) -> tuple[bool, list[SetAside]]:
+    """Load ``run_dir``'s newest whole checkpoint into the learner, state and recorder. Returns
+    whether there was one, and the damaged checkpoints set aside to get to it (the run then
+    goes on from the one before, or from the start). A checkpoint of another config, or one
+    that would need code to load, is refused (and kept)."""
+    ckpt, damaged = resume_checkpoint(run_dir)
     if ckpt is None:
-        return False
+        return False, damaged
     check_belongs(ckpt, cfg, run_dir)
     learner.load_state_dict(ckpt["learner"])
     state.load_state_dict(ckpt["state"])
     recorder.load_state_dict(ckpt["recorder"])
-    return True
+    return True, damaged
 
 
 def _provenance(data: DataBundle, device: torch.device) -> dict[str, Any]:
