@@ -193,13 +193,20 @@ class Store:
 
     ``Store(path)`` opens (or creates) the SQLite file at ``path``; an existing directory means
     the ``lmlab.sqlite`` inside it. ``Store.open(dir)`` also creates the directory.
+    ``read_only=True`` (``lmlab serve`` beside a live sweep): an existing file, opened with
+    ``mode=ro`` so that SQLite refuses every write, and not migrated (that writes); under WAL
+    it reads committed snapshots and no writer ever waits for it.
     """
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, read_only: bool = False) -> None:
         path = Path(path)
         if path.is_dir():
             path = path / STORE_FILE
         self.path = path
+        if read_only:
+            self._conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True,
+                                         timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            return
         # isolation_level=None: the sqlite3 module opens no transactions behind our back; every
         # write below says BEGIN IMMEDIATE ... COMMIT itself.
         self._conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
@@ -223,13 +230,13 @@ class Store:
         return cls(directory / STORE_FILE)
 
     @classmethod
-    def existing(cls, directory: Path | str) -> Store:
+    def existing(cls, directory: Path | str, *, read_only: bool = False) -> Store:
         """The store of the experiment in ``directory``; a UserError when there is none (a
         command that only reads must not create an empty experiment)."""
         path = Path(directory) / STORE_FILE
         if not path.is_file():
             raise UserError(f"no lmlab results here ({STORE_FILE} missing)", file=str(directory))
-        return cls(path)
+        return cls(path, read_only=read_only)
 
     def close(self) -> None:
         self._conn.close()
