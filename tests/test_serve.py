@@ -141,7 +141,7 @@ def test_the_api_says_what_the_records_and_the_report_say(tmp_path: Path, client
     assert sweep["statuses"] == {"running": 1, "completed": 2, "diverged": 1}
     assert sweep["objective"] == "Does a larger lr reach a lower loss?" and sweep["n_runs"] == 4
 
-    answer = api.get("/api/experiments/sweep")
+    answer = api.get("/api/experiment", params={"key": "sweep"})
     assert answer.status_code == 200
     body = answer.json()
     exp = load_experiment(exp_dir)
@@ -176,28 +176,35 @@ def test_the_api_says_what_the_records_and_the_report_say(tmp_path: Path, client
     assert got["data"][1] == pytest.approx(list(band.mean))
 
     # Curves against another axis; an unchanged store answers 304 to the page's ETag.
-    wall = api.get("/api/experiments/sweep", params={"x": "wall_s"}).json()
+    wall = api.get("/api/experiment", params={"key": "sweep", "x": "wall_s"}).json()
     assert wall["panels"][0]["runs"]["lr1e-3-s0"][0][:2] == [0.25, 0.5]
-    again = api.get("/api/experiments/sweep", headers={"If-None-Match": answer.headers["etag"]})
+    held = {"If-None-Match": answer.headers["etag"]}
+    again = api.get("/api/experiment", params={"key": "sweep"}, headers=held)
     assert again.status_code == 304 and not again.content
     with Store.open(exp_dir) as store:
         store.log_metrics("lr1e-3-s1", 31, 31 * 256, 7.75, {TRAIN_LOSS: 4.0})
-    grown = api.get("/api/experiments/sweep", headers={"If-None-Match": answer.headers["etag"]})
+    grown = api.get("/api/experiment", params={"key": "sweep"}, headers=held)
     assert grown.status_code == 200
     assert grown.json()["panels"][0]["runs"]["lr1e-3-s1"][0][-1] == 31
 
-    old = {r["run_id"]: r for r in api.get("/api/experiments/old").json()["runs"]}
+    old = {r["run_id"]: r
+           for r in api.get("/api/experiment", params={"key": "old"}).json()["runs"]}
     assert old["a-s0"]["error"] == "RuntimeError: boom"
 
 
 def test_the_api_refuses_what_it_does_not_know(tmp_path: Path, client) -> None:
     write_experiment(tmp_path / "sweep", {"a": 1e-3}, seeds=(0,))
     api = client(tmp_path)
-    assert api.get("/api/experiments/nope").status_code == 404
+    assert api.get("/api/experiment", params={"key": "nope"}).status_code == 404
     # A key is looked up among the experiments found, never joined onto a path.
-    assert api.get("/api/experiments/..%2F..%2Fetc").status_code == 404
-    assert api.get("/api/experiments/sweep", params={"x": "bogus"}).status_code == 400
-    assert api.get("/api/experiments/sweep", params={"points": "many"}).status_code == 400
+    for key in ("../../etc", "/etc", "sweep/../sweep", ""):
+        assert api.get("/api/experiment", params={"key": key}).status_code == 404
+    # The served directory may itself be the experiment: its key is ".".
+    alone = client(tmp_path / "sweep")
+    assert [e["key"] for e in alone.get("/api/experiments").json()["experiments"]] == ["."]
+    assert alone.get("/api/experiment", params={"key": "."}).json()["name"] == "sweep"
+    assert api.get("/api/experiment", params={"key": "sweep", "x": "bogus"}).status_code == 400
+    assert api.get("/api/experiment", params={"key": "sweep", "points": "many"}).status_code == 400
     # Another host name (a page elsewhere rebinding its DNS to 127.0.0.1) is refused.
     other = TestClient(create_app(tmp_path), base_url="http://attacker.example")
     assert other.get("/api/experiments").status_code == 400
@@ -252,7 +259,7 @@ def test_a_read_only_store_cannot_write_or_create(tmp_path: Path) -> None:
     api = TestClient(create_app(tmp_path), base_url="http://127.0.0.1")
     (entry,) = api.get("/api/experiments").json()["experiments"]
     assert "schema version 99" in entry["error"]
-    answer = api.get("/api/experiments/e")
+    answer = api.get("/api/experiment", params={"key": "e"})
     assert answer.status_code == 503 and "upgrade lmlab" in answer.json()["error"]
 
 
@@ -264,7 +271,7 @@ def test_serving_changes_no_byte_of_a_finished_store(tmp_path: Path, client) -> 
     before = hashlib.sha256(db.read_bytes()).hexdigest()
     api = client(tmp_path)
     for x in ("step", "tokens", "wall_s"):
-        assert api.get("/api/experiments/e", params={"x": x}).status_code == 200
+        assert api.get("/api/experiment", params={"key": "e", "x": x}).status_code == 200
     assert api.get("/api/experiments").status_code == 200
     assert hashlib.sha256(db.read_bytes()).hexdigest() == before
 
@@ -302,7 +309,7 @@ def test_a_run_writes_while_the_server_reads(tmp_path: Path, client) -> None:
     seen, codes = [], set()
     while True:
         finished = writer.poll() is not None
-        answer = api.get("/api/experiments/live", params={"x": "step"})
+        answer = api.get("/api/experiment", params={"key": "live", "x": "step"})
         codes.add(answer.status_code)
         if answer.status_code == 200:
             runs = answer.json()["panels"][0]["runs"] if answer.json()["panels"] else {}
@@ -316,7 +323,7 @@ def test_a_run_writes_while_the_server_reads(tmp_path: Path, client) -> None:
     assert codes == {200}
     assert seen == sorted(seen), "a later read saw fewer rows than an earlier one"
     assert len(set(seen)) > 2, seen  # it did read while the run wrote
-    final = api.get("/api/experiments/live", params={"x": "step"}).json()
+    final = api.get("/api/experiment", params={"key": "live", "x": "step"}).json()
     assert final["runs"][0]["status"] == "completed"
     assert final["panels"][0]["runs"]["w-s0"][0] == list(range(1, steps + 1))
     with Store(directory) as store:
@@ -523,8 +530,8 @@ def test_the_page_keeps_strings_as_text_and_its_controls_work(tmp_path: Path, br
                                                               server) -> None:
     write_experiment(tmp_path / "xss", {XSS_ARM: 1e-3, "plain": 3e-3}, objective=XSS_TEXT,
                      diverge="plain-s1")
-    url = server(tmp_path).url
-    browser.get(url + "#/e/xss")
+    url = server(tmp_path / "xss").url  # the served directory is the experiment itself
+    browser.get(url + "#/e/.")
     _wait(lambda: _panel(browser, TRAIN_LOSS), 60, "the train-loss panel")
     body = browser.find_element("css selector", "body").text
     assert XSS_TEXT in body and XSS_ARM in body  # shown, as text

@@ -326,11 +326,12 @@ def serve(
     if not directory.is_dir():
         raise UserError("not a directory", file=str(directory))
     try:
-        from lmlab.serve import run as run_server
+        from lmlab.serve.app import LOOPBACK
+        from lmlab.serve.app import run as run_server
     except ImportError as e:
-        raise UserError(f"lmlab serve needs the serve extra ({e.name} is missing): "
+        raise UserError(f"lmlab serve needs the serve extra ({e.name or e} is missing): "
                         "pip install 'lmlab[serve]'") from None
-    if host not in ("127.0.0.1", "localhost"):
+    if host not in LOOPBACK:
         console.print(f"[yellow]warning:[/] listening on {host}: anyone who can reach this "
                       "port can read these experiments", highlight=False)
 

@@ -3,8 +3,10 @@ one directory, and a static page that draws it with uPlot (shipped in ``static/v
 
 - ``GET /``: the page. ``GET /static/...``: its script, styles and the charting library.
 - ``GET /api/experiments``: the experiments under the directory (:class:`~.catalog.Listing`).
-- ``GET /api/experiments/{key}?x=tokens|step|wall_s&points=N``: one experiment's runs table and
-  curves (:func:`~.payload.experiment_payload`).
+- ``GET /api/experiment?key=K&x=tokens|step|wall_s&points=N``: one experiment's runs table and
+  curves (:func:`~.payload.experiment_payload`). ``K`` is its folder relative to the served
+  directory, ``.`` for the directory itself (a query parameter: in a path, browsers would
+  resolve ``.`` away).
 
 The page polls the API; each answer carries an ETag derived from the store's state, so a poll of
 an experiment that has not changed is answered 304 without rebuilding anything.
@@ -19,13 +21,11 @@ or a spec stays text.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import socket
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -39,7 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmlab.analysis.summary import X_LABEL
 from lmlab.errors import UserError
-from lmlab.serve.catalog import Catalog
+from lmlab.serve.catalog import Catalog, make_etag
 from lmlab.serve.payload import DEFAULT_POINTS, MAX_POINTS
 
 STATIC = Path(__file__).parent / "static"
@@ -71,10 +71,6 @@ class _SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
-def _etag(*parts: Any) -> str:
-    return '"' + hashlib.sha256(repr(parts).encode()).hexdigest()[:24] + '"'
-
-
 def _headers(etag: str) -> dict[str, str]:
     return {"ETag": etag, "Cache-Control": "no-cache"}
 
@@ -102,11 +98,11 @@ def create_app(root: Path, *, refresh_s: float = 2.0,
     def experiments(request: Request) -> Response:
         body = {"root": str(catalog.root), "refresh_s": refresh_s,
                 "experiments": [dataclasses.asdict(e) for e in catalog.experiments()]}
-        etag = _etag(json.dumps(body, sort_keys=True))
+        etag = make_etag(json.dumps(body, sort_keys=True))
         return _unchanged(request, etag) or JSONResponse(body, headers=_headers(etag))
 
     def experiment(request: Request) -> Response:
-        key = request.path_params["key"]
+        key = request.query_params.get("key", "")
         directory = catalog.directory(key)
         if directory is None:
             return _error(404, f"no experiment {key!r} under {catalog.root}")
@@ -131,7 +127,7 @@ def create_app(root: Path, *, refresh_s: float = 2.0,
     routes = [
         Route("/", index),
         Route("/api/experiments", experiments),
-        Route("/api/experiments/{key:path}", experiment),
+        Route("/api/experiment", experiment),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     middleware = [Middleware(_SecurityHeaders),

@@ -183,6 +183,11 @@ def listing(key: str, directory: Path) -> Listing:
         updated=last_write(directory))
 
 
+def make_etag(*parts: Any) -> str:
+    """An HTTP entity tag for an answer that is a function of ``parts``."""
+    return '"' + hashlib.sha256(repr(parts).encode()).hexdigest()[:24] + '"'
+
+
 @dataclass
 class _Loaded:
     fingerprint: Fingerprint
@@ -234,7 +239,7 @@ class Catalog:
         loaded = self.load(directory)
         exp = loaded.experiment
         key = (x_key or exp.x_key, points)
-        etag = '"' + hashlib.sha256(repr((loaded.fingerprint, key)).encode()).hexdigest()[:24] + '"'
+        etag = make_etag(loaded.fingerprint, key)
         with self._lock:
             body = loaded.payloads.get(key)
         if body is None:

@@ -141,9 +141,9 @@
 
   function apiUrl() {
     if (state.route.view === "list") return "api/experiments";
-    const params = new URLSearchParams({ points: String(state.points) });
+    const params = new URLSearchParams({ key: state.route.key, points: String(state.points) });
     if (state.x) params.set("x", state.x);
-    return `api/experiments/${encodeURIComponent(state.route.key)}?${params}`;
+    return `api/experiment?${params}`;
   }
 
   function setLive(kind, text) {
