@@ -248,9 +248,9 @@ def test_a_read_only_store_cannot_write_or_create(tmp_path: Path) -> None:
         assert [r["run_id"] for r in store.runs()] == ["a-s0"]
         with pytest.raises(sqlite3.OperationalError, match="readonly"):
             store.log_metrics("a-s0", 999, 1, 1.0, {TRAIN_LOSS: 1.0})
-    with pytest.raises(UserError, match="no lmlab results"):
-        Store.existing(tmp_path / "missing", read_only=True)
-    assert not (tmp_path / "missing").exists()
+    with pytest.raises(sqlite3.OperationalError, match="unable to open"):
+        Store(tmp_path / "missing.sqlite", read_only=True)
+    assert not (tmp_path / "missing.sqlite").exists()
     with sqlite3.connect(tmp_path / "e" / "lmlab.sqlite") as conn:
         conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     with pytest.raises(UserError, match="schema version 99"):

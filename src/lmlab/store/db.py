@@ -230,13 +230,13 @@ class Store:
         return cls(directory / STORE_FILE)
 
     @classmethod
-    def existing(cls, directory: Path | str, *, read_only: bool = False) -> Store:
+    def existing(cls, directory: Path | str) -> Store:
         """The store of the experiment in ``directory``; a UserError when there is none (a
         command that only reads must not create an empty experiment)."""
         path = Path(directory) / STORE_FILE
         if not path.is_file():
             raise UserError(f"no lmlab results here ({STORE_FILE} missing)", file=str(directory))
-        return cls(path, read_only=read_only)
+        return cls(path)
 
     def close(self) -> None:
         self._conn.close()

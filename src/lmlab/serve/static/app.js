@@ -608,10 +608,10 @@
 
   const RUN_COLUMNS = [
     ["run", "Run"], ["status", "Status"], ["progress", "Progress"],
-    ["steps", "Steps"], ["tokens", "Tokens"], ["train_loss", "Train loss (last)"],
-    ["val_loss", "Val loss (last eval)"], ["final_val_loss", "Final val loss"],
-    ["final_val_ppl", "Final val ppl"], ["tokens_per_s", "Tokens/s"], ["peak_mem", "Peak memory"],
-    ["wall", "Wall-clock"], ["events", "Events"],
+    ["steps", "Steps"], ["tokens", "Tokens"], ["train_loss", "Train loss"],
+    ["val_loss", "Last val loss"], ["final_val_loss", "Final val loss"],
+    ["final_val_ppl", "Final ppl"], ["tokens_per_s", "Tokens/s"], ["peak_mem", "Peak memory"],
+    ["wall", "Wall"], ["events", "Events"],
   ];
 
   function renderRuns(data) {
