@@ -263,6 +263,21 @@ def test_a_read_only_store_cannot_write_or_create(tmp_path: Path) -> None:
     assert answer.status_code == 503 and "upgrade lmlab" in answer.json()["error"]
 
 
+def test_a_store_of_an_older_schema_is_shown_and_left_as_it_is(tmp_path: Path, client,
+                                                               monkeypatch) -> None:
+    """A store that lmlab 0.1 wrote (schema 1) is read as it is: a reader does not migrate."""
+    import lmlab.store.db as dbmod
+
+    monkeypatch.setattr(dbmod, "MIGRATIONS", dbmod.MIGRATIONS[:1])
+    write_experiment(tmp_path / "old", {"a": 1e-3}, seeds=(0,))
+    monkeypatch.undo()
+    answer = client(tmp_path).get("/api/experiment", params={"key": "old"})
+    assert answer.status_code == 200 and answer.json()["runs"][0]["status"] == "completed"
+    with sqlite3.connect(tmp_path / "old" / "lmlab.sqlite") as conn:
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() \
+            == ("1",)
+
+
 def test_serving_changes_no_byte_of_a_finished_store(tmp_path: Path, client) -> None:
     write_experiment(tmp_path / "e", {"a": 1e-3, "b": 2e-3})
     db = tmp_path / "e" / "lmlab.sqlite"
