@@ -512,7 +512,7 @@ def test_the_page_shows_a_run_growing_while_it_trains(tmp_path: Path, browser, s
     try:
         link = _wait(lambda: browser.find_elements("css selector", "tr[data-key='live'] a"), 120,
                      "the new experiment in the list")
-        link[0].click()
+        link[0].click()  # the list is updated in place: the link outlives the polls
         seen: list[int] = []
 
         def grown_twice() -> bool:
@@ -534,7 +534,7 @@ def test_the_page_shows_a_run_growing_while_it_trains(tmp_path: Path, browser, s
     _wait(lambda: _run_status(browser, "live-s0") == "completed", 30, "the completed status")
     _wait(lambda: int(_panel(browser, TRAIN_LOSS)["points"]) == steps, 30, "every step drawn")
     assert _panel(browser, VAL_LOSS) is not None and int(_panel(browser, VAL_LOSS)["points"]) >= 2
-    assert seen[0] < seen[-1] < steps
+    assert seen[0] < seen[-1] <= steps
     assert not _console_errors(browser)
     shot = tmp_path / "dashboard.png"
     browser.save_screenshot(str(shot))

@@ -146,33 +146,52 @@ function statusChips(statuses) {
     el("span", { class: `chip status-${status}`, text: `${n} ${status}` }));
 }
 
+// The list is updated in place, row by row (keyed by experiment): while runs write it changes
+// at every poll, and a link replaced under the pointer would swallow the click.
 function renderList(data) {
   state.list = data.experiments;
   $crumb.textContent = data.root;
   clearError();
-  const view = el("div", { id: "list" });
-  view.append(el("h1", { text: "Experiments" }),
-    el("p", { class: "muted", text: `under ${data.root}` }));
+  let view = document.getElementById("list");
+  if (!view) {
+    view = el("div", { id: "list" }, [el("h1", { text: "Experiments" }),
+      el("p", { class: "muted", id: "list-root" }), el("div", { id: "list-body" })]);
+    $main.replaceChildren(view);
+  }
+  document.getElementById("list-root").textContent = `under ${data.root}`;
+  const body = document.getElementById("list-body");
   if (!data.experiments.length) {
-    view.append(el("div", { class: "empty" }, [
+    body.replaceChildren(el("div", { class: "empty" }, [
       "No experiments here yet. This page refreshes on its own: start one with ",
       el("code", { text: `lmlab run SPEC --out ${data.root}/NAME` }), "."]));
-  } else {
-    const rows = data.experiments.map((e) => el("tr", { data: { key: e.key } }, [
-      el("td", {}, el("a", { href: experimentHash(e.key), text: e.name })),
+    return;
+  }
+  let tbody = body.querySelector("tbody");
+  if (!tbody) {
+    tbody = el("tbody");
+    body.replaceChildren(el("div", { class: "table-wrap" }, el("table", {}, [
+      el("thead", {}, el("tr", {}, ["Experiment", "Folder", "Category", "Question", "Axis",
+        "Runs", "Last write"].map((h) => el("th", { text: h })))), tbody])));
+  }
+  const old = new Map([...tbody.children].map((tr) => [tr.dataset.key, tr]));
+  const rows = data.experiments.map((e) => {
+    const cells = [
       el("td", { class: "muted", text: e.key }),
       el("td", { text: e.category || "—" }),
       el("td", { class: "wrap", text: e.error ? `unreadable: ${e.error}` : e.objective || "—" }),
       el("td", { text: e.axis || "—" }),
       el("td", {}, e.n_runs ? statusChips(e.statuses) : el("span", { class: "muted", text: "no runs" })),
       el("td", { class: "muted", text: ago(e.updated) }),
-    ]));
-    view.append(el("div", { class: "table-wrap" }, el("table", {}, [
-      el("thead", {}, el("tr", {}, ["Experiment", "Folder", "Category", "Question", "Axis",
-        "Runs", "Last write"].map((h) => el("th", { text: h })))),
-      el("tbody", {}, rows)])));
-  }
-  $main.replaceChildren(view);
+    ];
+    let tr = old.get(e.key);
+    if (!tr) {
+      tr = el("tr", { data: { key: e.key } }, el("td", {}, el("a", { href: experimentHash(e.key) })));
+    }
+    tr.querySelector("a").textContent = e.name;
+    tr.replaceChildren(tr.firstElementChild, ...cells); // the link's cell stays
+    return tr;
+  });
+  tbody.replaceChildren(...rows); // moves the rows it keeps, in the new order
 }
 
 // -- one experiment ----------------------------------------------------------------------
