@@ -354,6 +354,40 @@ def doctor(
     out.print("the damaged store is kept as " + ", ".join(str(p) for p in result.kept), **PLAIN)
 
 
+@app.command()
+def serve(
+    directory: Annotated[Path, typer.Argument(help="an experiment directory, or a directory of "
+                                                   "them (searched 4 levels down)")],
+    port: Annotated[int, typer.Option(min=0, max=65535, help="port (0: any free one)")] = 8765,
+    host: Annotated[str, typer.Option(help="interface to listen on; anything but 127.0.0.1 "
+                                           "or localhost exposes your results to the network")]
+        = "127.0.0.1",
+    refresh: Annotated[float, typer.Option(min=0.2, help="seconds between the page's polls "
+                                           "of the stores")] = 2.0,
+) -> None:
+    """A live dashboard of the experiments under DIR: runs and curves, refreshing while runs
+    write. Reads every store read-only; never blocks or changes a running sweep."""
+    if not directory.is_dir():
+        raise UserError("not a directory", file=str(directory))
+    try:
+        from lmlab.serve.app import LOOPBACK
+        from lmlab.serve.app import run as run_server
+    except ImportError as e:
+        raise UserError(f"lmlab serve needs the serve extra ({e.name or e} is missing): "
+                        "pip install 'lmlab[serve]'") from None
+    if host not in LOOPBACK:
+        console.print(f"[yellow]warning:[/] listening on {host}: anyone who can reach this "
+                      "port can read these experiments", highlight=False)
+
+    def ready(url: str) -> None:
+        out.print(f"lmlab dashboard of {directory.resolve()}: {url}   (Ctrl-C to stop)",
+                  highlight=False, soft_wrap=True)
+        # A parent waiting for the URL (a test, a notebook) reads it as soon as it is printed.
+        sys.stdout.flush()
+
+    run_server(directory, host=host, port=port, refresh_s=refresh, on_ready=ready)
+
+
 def main() -> None:
     """Console entry point: user errors exit 2 with one line, never a traceback. Usage errors
     (unknown option, missing argument) are click's, which also exit 2."""

@@ -13,6 +13,7 @@ import csv
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,10 +102,13 @@ class ArmSummary:
         return [v for _, v in self.values.get(metric, [])]
 
 
-def load_experiment(directory: Path | str) -> Experiment:
-    """Read one experiment directory's store. Raises UserError if there is none."""
+def load_experiment(directory: Path | str, store: Store | None = None) -> Experiment:
+    """Read one experiment directory's store. Raises UserError if there is none.
+
+    ``store``: read this one, already open (and left open), instead: ``lmlab serve`` reads
+    through a read-only store beside a running sweep."""
     directory = Path(directory)
-    with Store.existing(directory) as store:
+    with (Store.existing(directory) if store is None else nullcontext(store)) as store:
         spec_record = store.get_result(RESULT_SPEC)
         spec = None
         if spec_record and spec_record.get("spec") is not None:

@@ -110,11 +110,17 @@ def check_not_orphaned_wal(path: Path) -> None:
             "start afresh", file=str(wal))
 
 
-def connect(path: Path) -> Connection:
-    """A connection to the store file at ``path``, set up for many writer processes."""
+def connect(path: Path, *, read_only: bool = False) -> Connection:
+    """A connection to the store file at ``path``, set up for many writer processes; with
+    ``read_only``, opened ``mode=ro`` (SQLite refuses every write) and set up no further."""
     check_not_orphaned_wal(path)
     # isolation_level=None: the sqlite3 module opens no transactions behind our back; every
     # write says BEGIN IMMEDIATE ... COMMIT itself.
+    if read_only:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True,
+                               timeout=BUSY_TIMEOUT_S, isolation_level=None, factory=Connection)
+        conn.store_path = path
+        return conn
     conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, factory=Connection)
     conn.store_path = path
     try:

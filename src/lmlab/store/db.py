@@ -213,14 +213,19 @@ class Store:
 
     ``Store(path)`` opens (or creates) the SQLite file at ``path``; an existing directory means
     the ``lmlab.sqlite`` inside it. ``Store.open(dir)`` also creates the directory.
+    ``read_only=True`` (``lmlab serve`` beside a live sweep): an existing file, opened with
+    ``mode=ro`` so that SQLite refuses every write, and not migrated (that writes); under WAL
+    it reads committed snapshots and no writer ever waits for it.
     """
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, read_only: bool = False) -> None:
         path = Path(path)
         if path.is_dir():
             path = path / STORE_FILE
         self.path = path
-        self._conn = connect(path)
+        self._conn = connect(path, read_only=read_only)
+        if read_only:
+            return
         try:
             self._migrate()
         except BaseException:
