@@ -4,8 +4,10 @@ addendum from the same section content the report renders, computed on the fly f
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.table import Table as RichTable
 
@@ -25,6 +27,66 @@ def rich_table(table: Table, title: str | None = None, caption: str | None = Non
     for row in table.rows:
         out.add_row(*row)
     return out
+
+
+def fit_table(table: Table, width: int, *, title: str | None = None,
+              optional: Sequence[str] = ()) -> tuple[RichTable, list[str]]:
+    """``table`` for a terminal ``width`` columns wide, never cutting a cell: numbers keep
+    their width, text (run ids, statuses, events) wraps or folds onto more lines. When even
+    that does not fit, the ``optional`` columns are left out, in the order given; returns the
+    rich table and the headers left out (the caller says so).
+
+    The widths are laid out here rather than by rich, which may cut a no-wrap cell ("com…")
+    when a table is too wide: numbers get exactly their width, text columns the rest."""
+    keep = list(range(len(table.headers)))
+    for header in [None, *optional]:
+        if header is not None and header in table.headers:
+            keep.remove(table.headers.index(header))
+        widths = [_min_width(table, i) for i in keep]
+        free = width - sum(widths) - _GAP * (len(keep) - 1)
+        if free >= 0:
+            break
+    fits = free >= 0
+    if fits:  # the room left widens text columns, in order, up to their longest line
+        for j, i in enumerate(keep):
+            if table.align[i] != "r":
+                extra = min(free, _max_width(table, i) - widths[j])
+                widths[j] += max(extra, 0)
+                free -= max(extra, 0)
+    # No outer edge; a column is one space of padding and one of rule apart from the next.
+    out = RichTable(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
+                    padding=(0, 1, 0, 0))
+    for i, w in zip(keep, widths, strict=True):
+        header = table.headers[i]
+        if len(header) > w:  # the header wraps rather than widen its column
+            header = header.replace(" ", "\n")
+        # Too narrow even so: rich folds every cell (a number over two lines beats a cut one).
+        out.add_column(header, justify=JUSTIFY[table.align[i]],  # type: ignore[arg-type]
+                       width=w if fits else None, overflow="fold")
+    for row in table.rows:
+        out.add_row(*[row[i] for i in keep])
+    dropped = [table.headers[i] for i in range(len(table.headers)) if i not in keep]
+    return out, dropped
+
+
+_GAP = 2  # characters between two columns
+# Text cells fold past this width (a long run id takes two lines) rather than widen the table.
+_FOLD = 16
+
+
+def _min_width(table: Table, i: int) -> int:
+    """The narrowest column ``i`` can be: a number's full width, a header's longest word, and
+    a text cell's longest word up to _FOLD."""
+    header = max(len(w) for w in table.headers[i].split() or [""])
+    cells = [row[i] for row in table.rows]
+    if table.align[i] == "r":
+        return max([header, *(len(c) for c in cells)])
+    words = [len(w) for c in cells for w in c.split()]
+    return max([header, *(min(n, _FOLD) for n in words)])
+
+
+def _max_width(table: Table, i: int) -> int:
+    return max(len(c) for c in [table.headers[i], *(row[i] for row in table.rows)])
 
 
 def print_addendum(directory: Path | str, console: Console | None = None) -> None:
