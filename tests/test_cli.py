@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 
 import lmlab
 from hubserver import HubServer
-from lmlab.cli import STATUS_COLUMNS, app
+from lmlab.cli import app
+from lmlab.report.terminal import STATUS_COLUMNS
 from lmlab.store import Store
 from test_report import CLEAR_WIN, Arm, build_experiment
 from test_spec import base_spec

@@ -144,19 +144,6 @@ def train(
         raise typer.Exit(1)
 
 
-# The status table's columns: header, the status row's key and how it is written. Units are in
-# the headers, so cells are bare numbers; the last ones are left out first on a narrow terminal.
-# Final metrics are written at the report's precision (lmlab.report.format.SUMMARY_FORMAT).
-STATUS_COLUMNS = (
-    ("run", "run_id", str), ("status", "status", str), ("steps", "steps", "integer"),
-    ("tokens", "tokens", "integer"), ("val loss", "final_val_loss", "metric"),
-    ("val ppl", "final_val_ppl", "metric"), ("bpb", "final_val_bpb", "metric"),
-    ("word ppl", "final_val_word_ppl", "metric"), ("tok/s", "tokens_per_s", "metric"),
-    ("peak MiB", "peak_mem_bytes", "metric"), ("events", "events", str),
-)
-STATUS_OPTIONAL = ("word ppl", "bpb", "tokens")
-
-
 @app.command()
 def status(
     directory: Annotated[Path, typer.Argument(help="an output directory of lmlab train / run")],
@@ -164,8 +151,7 @@ def status(
 ) -> None:
     """Per run: status, steps, tokens, final validation metrics, speed, memory, events."""
     from lmlab.analysis.records import load_runs, status_row
-    from lmlab.report.format import NA, SUMMARY_FORMAT, Table, fixed, integer
-    from lmlab.report.terminal import fit_table
+    from lmlab.report.terminal import status_table
     from lmlab.store import Store
 
     with Store.existing(directory) as store:
@@ -173,29 +159,8 @@ def status(
     if as_json:
         out.print_json(json.dumps(rows))
         return
-
-    def write(how: str, key: str, value: float | None) -> str:
-        if how == "integer" or value is None:
-            return integer(value)
-        decimals, scale, _ = SUMMARY_FORMAT[key]
-        return fixed(value * scale, decimals)
-
-    cells = []
-    for r in rows:
-        line = []
-        for _, key, how in STATUS_COLUMNS:
-            value = r[key]
-            if key == "status" and r["stopped_at_step"] is not None:
-                # A run that did not complete has no final metrics: say where it stopped.
-                value = f"{value} at step {r['stopped_at_step']:,}"
-            elif key == "events":
-                value = ", ".join(f"{k}:{v}" for k, v in sorted(value.items())) or NA
-            line.append(value if how is str else write(how, key, value))
-        cells.append(line)
-    table = Table([h for h, _, _ in STATUS_COLUMNS], cells,
-                  ["l" if how is str else "r" for _, _, how in STATUS_COLUMNS])
-    shown, dropped = fit_table(table, out.width, title=str(directory), optional=STATUS_OPTIONAL)
-    out.print(shown)
+    table, dropped = status_table(rows, out.width, title=str(directory))
+    out.print(table)
     if dropped:
         console.print(f"(too narrow for {', '.join(dropped)}: widen the terminal, or --json)")
 
@@ -287,23 +252,11 @@ def plan(
     if as_json:
         out.print_json(json.dumps(record))
         return
-    from lmlab.report.format import Table as Cells
-    from lmlab.report.format import integer, seconds
-    from lmlab.report.terminal import fit_table
+    from lmlab.report.format import seconds
+    from lmlab.report.terminal import plan_table
 
-    rows = [[r["run_id"], r["arm"], str(r["seed"]),
-             *[_fmt(r["values"].get(v, "")) for v in p.variables],
-             integer(r["tokens"]), integer(r["steps"]), str(r["effective_batch"]),
-             seconds(r.get("estimate_s"))] for r in record["runs"]]
-    # A variable by its last name (lr, batch_size) where that is unambiguous.
-    leaves = [v.rsplit(".", 1)[-1] for v in p.variables]
-    names = [leaf if leaves.count(leaf) == 1 else v for leaf, v in zip(leaves, p.variables,
-                                                                         strict=True)]
-    headers = ["run", "arm", "seed", *names, "tokens", "steps", "eff. batch", "expected"]
-    cells = Cells(headers, rows, ["l", "l", "r"] + ["l"] * len(names) + ["r"] * 4)
-    table, dropped = fit_table(cells, out.width, optional=("arm", "eff. batch", "tokens"),
-                               title=f"{p.spec.meta.name}: {len(p.runs)} runs, "
-                                     f"{p.spec.comparison_axis}")
+    table, dropped = plan_table(record, p.variables, out.width, title=f"{p.spec.meta.name}: "
+                                f"{len(p.runs)} runs, {p.spec.comparison_axis}")
     out.print(table)
     if dropped:
         console.print(f"(too narrow for {', '.join(dropped)}: widen the terminal, or --json)")

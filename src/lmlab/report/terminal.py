@@ -1,11 +1,14 @@
 """The report's content on a terminal (rich): ``lmlab systems DIR`` prints the Memory / Systems
-addendum from the same section content the report renders, computed on the fly from the store.
+addendum from the same section content the report renders, computed on the fly from the store;
+``lmlab status`` and ``lmlab plan`` print their tables through :func:`fit_table`, which never
+cuts a cell to fit a narrow terminal.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from rich import box
 from rich.console import Console
@@ -13,7 +16,15 @@ from rich.table import Table as RichTable
 
 from lmlab.analysis.summary import load_experiment
 from lmlab.errors import UserError
-from lmlab.report.format import Table
+from lmlab.report.format import (
+    NA,
+    SUMMARY_FORMAT,
+    Table,
+    fixed,
+    fmt_value,
+    integer,
+    seconds,
+)
 from lmlab.report.inputs import gather
 from lmlab.report.sections import addendum as addendum_section
 
@@ -87,6 +98,60 @@ def _min_width(table: Table, i: int) -> int:
 
 def _max_width(table: Table, i: int) -> int:
     return max(len(c) for c in [table.headers[i], *(row[i] for row in table.rows)])
+
+
+# The status table's columns: header, the status row's key and how it is written. Units are in
+# the headers, so cells are bare numbers; the last ones are left out first on a narrow terminal.
+# Final metrics are written at the report's precision (SUMMARY_FORMAT).
+STATUS_COLUMNS = (
+    ("run", "run_id", str), ("status", "status", str), ("steps", "steps", "integer"),
+    ("tokens", "tokens", "integer"), ("val loss", "final_val_loss", "metric"),
+    ("val ppl", "final_val_ppl", "metric"), ("bpb", "final_val_bpb", "metric"),
+    ("word ppl", "final_val_word_ppl", "metric"), ("tok/s", "tokens_per_s", "metric"),
+    ("peak MiB", "peak_mem_bytes", "metric"), ("events", "events", str),
+)
+STATUS_OPTIONAL = ("word ppl", "bpb", "tokens")
+
+
+def status_table(rows: Sequence[dict[str, Any]], width: int,
+                 title: str | None = None) -> tuple[RichTable, list[str]]:
+    """``lmlab status``: one line per run (``lmlab.analysis.records.status_row``)."""
+    table = Table([h for h, _, _ in STATUS_COLUMNS],
+                  [[_status_cell(r, key, how) for _, key, how in STATUS_COLUMNS] for r in rows],
+                  ["l" if how is str else "r" for _, _, how in STATUS_COLUMNS])
+    return fit_table(table, width, title=title, optional=STATUS_OPTIONAL)
+
+
+def _status_cell(row: dict[str, Any], key: str, how: object) -> str:
+    value = row[key]
+    if key == "status":
+        # A run that did not complete has no final metrics: say where it stopped.
+        stopped = row["stopped_at_step"]
+        return value if stopped is None else f"{value} at step {stopped:,}"
+    if key == "events":
+        return ", ".join(f"{k}:{v}" for k, v in sorted(value.items())) or NA
+    if how is str:
+        return value
+    if how == "integer" or value is None:
+        return integer(value)
+    decimals, scale, _ = SUMMARY_FORMAT[key]
+    return fixed(value * scale, decimals)
+
+
+def plan_table(record: dict[str, Any], variables: Sequence[str], width: int,
+               title: str | None = None) -> tuple[RichTable, list[str]]:
+    """``lmlab plan``: one line per planned run (``Plan.to_json``, with estimates when timed)."""
+    # A variable by its last name (lr, batch_size) where that is unambiguous.
+    leaves = [v.rsplit(".", 1)[-1] for v in variables]
+    names = [leaf if leaves.count(leaf) == 1 else v
+             for leaf, v in zip(leaves, variables, strict=True)]
+    rows = [[r["run_id"], r["arm"], str(r["seed"]),
+             *[fmt_value(r["values"].get(v)) for v in variables],
+             integer(r["tokens"]), integer(r["steps"]), str(r["effective_batch"]),
+             seconds(r.get("estimate_s"))] for r in record["runs"]]
+    table = Table(["run", "arm", "seed", *names, "tokens", "steps", "eff. batch", "expected"],
+                  rows, ["l", "l", "r"] + ["l"] * len(names) + ["r"] * 4)
+    return fit_table(table, width, title=title, optional=("arm", "eff. batch", "tokens"))
 
 
 def print_addendum(directory: Path | str, console: Console | None = None) -> None:
