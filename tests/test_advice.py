@@ -123,6 +123,9 @@ def test_wall_clock_budgets_are_counted_as_written(tmp_path, articles_data):
     assert advice is not None and "4 runs of 50,000 training seconds" in advice.message
     spec["budget"] = {"wall_clock_s": 600}
     assert too_long(plan_of(tmp_path, spec)) is None
+    # an evaluation every 600 s of a 600 s run: only the start and the end
+    got = fields(plan_of(tmp_path, spec))
+    assert "600 is not less than the run's 600 training seconds" in got["evaluation.every_seconds"]
 
 
 def test_the_quick_ceiling_is_never_below_the_exact_count(tmp_path):

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from lmlab.config import RunConfig
+from lmlab.config import Components, RunConfig
 from lmlab.spec.expand import Plan
 
 
@@ -26,7 +26,7 @@ class Advice:
     message: str
 
 
-def _evaluation(cfg: RunConfig, steps: int) -> Iterator[tuple[str, str]]:
+def _evaluation(cfg: RunConfig, steps: int | None) -> Iterator[tuple[str, str]]:
     e, b = cfg.evaluation, cfg.budget
     spacing = [("every_tokens", e.every_tokens, b.tokens, "tokens"),
                ("every_steps", e.every_steps, steps, "steps"),
@@ -45,8 +45,10 @@ def _n(x: float) -> str:
     return f"{x:,}" if isinstance(x, int) else f"{x:,g}"
 
 
-def _diagnostics(cfg: RunConfig, steps: int) -> Iterator[tuple[str, str]]:
+def _diagnostics(cfg: RunConfig, steps: int | None) -> Iterator[tuple[str, str]]:
     d = cfg.evaluation.diagnostics
+    if steps is None:
+        return
     if d.any_probe and d.every_steps > steps:
         yield ("evaluation.diagnostics.every_steps",
                f"{d.every_steps:,} is more than the run's {steps:,} steps: the probe-batch "
@@ -58,45 +60,39 @@ def _diagnostics(cfg: RunConfig, steps: int) -> Iterator[tuple[str, str]]:
                "never looked for")
 
 
-def _cadence(cfg: RunConfig, steps: int) -> Iterator[tuple[str, str]]:
+def _cadence(cfg: RunConfig, steps: int | None) -> Iterator[tuple[str, str]]:
     every = cfg.cadence.log_every_steps
-    if every >= steps > 1:
+    if steps is not None and every >= steps > 1:
         yield ("cadence.log_every_steps",
                f"{every:,} is not less than the run's {steps:,} steps: one log interval, so the "
                "train-loss curve, step time and tokens/sec have a single point")
 
 
-def _schedule(cfg: RunConfig, steps: int) -> Iterator[tuple[str, str]]:
+def _schedule(cfg: RunConfig, steps: int | None) -> Iterator[tuple[str, str]]:
     s = cfg.schedule
-    if s.warmup_frac is None and s.warmup_steps >= steps:
+    if steps is not None and s.warmup_frac is None and s.warmup_steps >= steps:
         decay = "" if s.name == "constant" else f" and the {s.name} decay never starts"
         yield ("schedule.warmup_steps",
                f"{s.warmup_steps:,} is not less than the run's {steps:,} steps: the warmup never "
                f"ends, so the learning rate never reaches its peak{decay}")
 
 
-CHECKS: tuple[Callable[[RunConfig, int], Iterator[tuple[str, str]]], ...] = (
+# Each takes an arm's config and its steps (None on a wall-clock budget: not known before it runs).
+CHECKS: tuple[Callable[[RunConfig, int | None], Iterator[tuple[str, str]]], ...] = (
     _evaluation, _diagnostics, _cadence, _schedule)
-# Fields that live in the spec's `controlled` section (the run's component sections).
-_CONTROLLED = ("data", "tokenizer", "model", "optimizer", "schedule", "train")
-
-
 def advise(plan: Plan) -> list[Advice]:
     """Every warning of ``plan``, once per field and message, naming the arms it concerns when
     not all of them."""
     found: dict[tuple[str, str], list[str]] = {}
     for arm in plan.arms:
         cfg = plan.arm_config(arm)
-        steps = cfg.budget.steps
-        if steps is None:  # a wall-clock budget: its steps are not known before it runs
-            continue
         for check in CHECKS:
-            for field, message in check(cfg, steps):
+            for field, message in check(cfg, cfg.budget.steps):
                 found.setdefault((field, message), []).append(arm)
     out = []
     for (field, message), arms in found.items():
         where = field
-        if field.split(".", 1)[0] in _CONTROLLED:
+        if field.split(".", 1)[0] in Components.model_fields:  # written under `controlled`
             where = "independent" if field in plan.variables else f"controlled.{field}"
         who = "" if len(arms) == len(plan.arms) else f"arm {', '.join(arms)}: "
         out.append(Advice(where, f"{who}{message}"))
