@@ -9,10 +9,9 @@ BIN    := $(VENV)/bin
 # checkout (../shared/data): when that folder exists, make points both variables into it.
 WORKPLACE_DATA := $(wildcard $(abspath ../shared/data))
 ifneq ($(WORKPLACE_DATA),)
-LMLAB_DATA_DIR ?= $(WORKPLACE_DATA)
-LMLAB_FALLBACK_CORPUS ?= $(wildcard $(WORKPLACE_DATA)/wikitext-2-test-articles)
+export LMLAB_DATA_DIR ?= $(WORKPLACE_DATA)
+export LMLAB_FALLBACK_CORPUS ?= $(wildcard $(WORKPLACE_DATA)/wikitext-2-test-articles)
 endif
-export LMLAB_DATA_DIR LMLAB_FALLBACK_CORPUS
 
 .PHONY: install quickstart test lint bench clean
 
