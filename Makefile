@@ -3,9 +3,15 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# The offline data folder beside a checkout of this workplace; override or unset on your machine.
-LMLAB_DATA_DIR ?= $(abspath ../shared/data)
-export LMLAB_DATA_DIR
+# Where the data is: lmlab itself assumes no folder. It searches $LMLAB_DATA_DIR when set, then
+# its cache (~/.cache/lmlab), then downloads WikiText-2; $LMLAB_FALLBACK_CORPUS is trained on
+# only when WikiText-2 can be had neither way. This workplace keeps its offline copy beside the
+# checkout (../shared/data): when that folder exists, make points both variables into it.
+WORKPLACE_DATA := $(wildcard $(abspath ../shared/data))
+ifneq ($(WORKPLACE_DATA),)
+export LMLAB_DATA_DIR ?= $(WORKPLACE_DATA)
+export LMLAB_FALLBACK_CORPUS ?= $(wildcard $(WORKPLACE_DATA)/wikitext-2-test-articles)
+endif
 
 .PHONY: install quickstart test lint bench clean
 
@@ -20,11 +26,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # WikiText-2 is found or downloaded (sha256-verified). A machine that can have neither (no
-# network, no files) trains on the offline test-articles corpus instead, named as such everywhere.
-FALLBACK := $(wildcard $(LMLAB_DATA_DIR)/wikitext-2-test-articles)
-
+# network, no files) trains on $LMLAB_FALLBACK_CORPUS instead, named as such everywhere.
 quickstart: install
-	$(BIN)/lmlab run examples/quickstart.yaml --out runs/quickstart $(if $(FALLBACK),--fallback-corpus $(FALLBACK))
+	$(BIN)/lmlab run examples/quickstart.yaml --out runs/quickstart
 	$(BIN)/lmlab report runs/quickstart
 
 test: install

@@ -27,6 +27,14 @@ def test_run_then_report_fills_the_template_from_the_store(tmp_path, articles_da
     done = subprocess.run([sys.executable, "-m", "lmlab.cli", "run", str(path), "--out", str(out)],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+    # Not a terminal (as under CI, nohup or Slurm): plain progress lines, one per run start,
+    # log interval and end, instead of a live bar that would print nothing.
+    progress = done.stderr.splitlines()
+    for rid in ("slow-s0", "slow-s1", "fast-s0", "fast-s1"):
+        mine = [line for line in progress if line.startswith(f"{rid} ")]
+        assert len(mine) >= 3 and "%" in mine[0], (rid, progress)
+        assert "loss" in " ".join(mine) and "completed" in mine[-1] and "100%" in mine[-1]
+    assert any(line.startswith("experiment ") and "100%" in line for line in progress)
     done = subprocess.run([sys.executable, "-m", "lmlab.cli", "report", str(out)],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -1,8 +1,17 @@
-"""Exports copy every run's config, metric rows (at their step), events and summary."""
+"""Exports copy every run's config, metric rows (at their step), events and summary: each
+checked by reading back what was written with the tracker's own reader (TensorBoard's event
+accumulator, W&B's reader of its offline run files, MLflow's client on a SQLite store).
+
+The trackers are the optional extra ``lmlab[tracking]``; CI installs it, so there (``CI`` set)
+a missing tracker fails instead of skipping."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -29,8 +38,15 @@ def experiment(tmp_path):
     return out
 
 
+def tracker(module: str):
+    """The tracker's module; skipped where it is not installed, except in CI."""
+    if os.environ.get("CI"):
+        return __import__(module)
+    return pytest.importorskip(module)
+
+
 def test_tensorboard_export_holds_every_row(experiment, tmp_path):
-    pytest.importorskip("tensorboard")
+    tracker("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     where = export(experiment, "tensorboard", tmp_path / "tb")
@@ -44,18 +60,74 @@ def test_tensorboard_export_holds_every_row(experiment, tmp_path):
     assert len(acc.Scalars("grad_norm/block.0")) == 10
 
 
-def test_mlflow_export(experiment, tmp_path, monkeypatch):
-    pytest.importorskip("mlflow")
+def test_mlflow_export_reads_back_from_its_sqlite_store(experiment, tmp_path, monkeypatch):
+    tracker("mlflow")
     from mlflow.tracking import MlflowClient
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # nothing may land in the current directory (./mlruns)
     uri = export(experiment, "mlflow", tmp_path / "ml")
+    assert uri == f"sqlite:///{tmp_path / 'ml' / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
-    runs = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
-    assert sorted(r.info.run_name for r in runs) == ["a-s0", "b-s0"]
-    history = client.get_metric_history(runs[0].info.run_id, "train_loss")
-    assert sorted(m.step for m in history) == list(range(1, 11))
-    assert runs[0].data.params["optimizer.lr"] == str(RunConfig().optimizer.lr)
+    exp = client.get_experiment_by_name("exp")
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    assert sorted(runs) == ["a-s0", "b-s0"]
+    for name, run in runs.items():
+        rid = run.info.run_id
+        history = client.get_metric_history(rid, "train_loss")
+        assert sorted((m.step, m.value) for m in history) == \
+            [(s, pytest.approx(5.0 - 0.1 * s)) for s in range(1, 11)]
+        # lmlab's own metric names, slashes included, and tokens as a metric of their own
+        assert len(client.get_metric_history(rid, "grad_norm/block.0")) == 10
+        assert [m.value for m in client.get_metric_history(rid, "tokens")][:1] == [100.0]
+        assert [m.step for m in client.get_metric_history(rid, "val_loss")] == [10]
+        assert run.data.params["optimizer.lr"] == str(RunConfig().optimizer.lr)
+        assert run.data.tags["lmlab.arm"] == name[0] and run.info.status == "FINISHED"
+        record = json.loads((tmp_path / "ml" / "artifacts").joinpath(
+            rid, "artifacts", "lmlab_run.json").read_text())
+        assert record["events"][0]["kind"] == "spike"
+        assert record["summary"]["final_val_loss"] == 4.2
+    assert not (tmp_path / "mlruns").exists()
+
+
+def _wandb_records(run_dir) -> list[dict]:
+    """The records of one offline W&B run, as W&B's own reader of its run files prints them."""
+    done = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json",
+                           str(run_dir)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def test_wandb_export_reads_back_from_its_offline_run_files(experiment, tmp_path, monkeypatch):
+    tracker("wandb")
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # offline by default
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    where = export(experiment, "wandb", tmp_path / "wb")
+    run_dirs = sorted((where / "wandb").glob("offline-run-*"))
+    assert len(run_dirs) == 2
+    seen = {}
+    for run_dir in run_dirs:
+        records = _wandb_records(run_dir)
+        run = next(r["run"] for r in records if r["type"] == "run")
+        history = [r["history"]["item"] for r in records if r["type"] == "history"]
+        rows: dict[int, dict] = {}
+        for h in history:  # the events table's row carries the last step along (step_sync)
+            if "trainer/step" in h:
+                rows.setdefault(int(h["trainer/step"]), {}).update(h)
+        assert sorted(rows) == list(range(1, 11))
+        assert all(rows[s]["train_loss"] == pytest.approx(5.0 - 0.1 * s) for s in rows)
+        assert all(rows[s]["grad_norm/block.0"] == pytest.approx(1.0 / s) for s in rows)
+        assert rows[3]["tokens"] == 300 and rows[10]["val_loss"] == pytest.approx(4.2)
+        config = run["config"]["update"]
+        assert config["optimizer.lr"] == RunConfig().optimizer.lr and run["run_group"] == "exp"
+        summary: dict = {}
+        for r in records:
+            if r["type"] == "summary":
+                summary.update(r["summary"].get("update", {}))
+        assert summary["final_val_loss"] == 4.2 and summary["status"] == "completed"
+        assert any(h.get("events.nrows") == 1 for h in history)  # the events table
+        seen[run["display_name"]] = config["arm"]
+    assert seen == {"a-s0": "a", "b-s0": "b"}
 
 
 def test_unknown_target_and_missing_store(experiment, tmp_path):

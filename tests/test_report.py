@@ -502,6 +502,35 @@ def test_html_is_self_contained(full_report: tuple[Path, Any]) -> None:
     assert all((paths.markdown.parent / link).is_file() for link in links)
 
 
+class _Toc(HTMLParser):
+    """The ids of the h2 headings and the #targets of the table of contents."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: list[str] = []
+        self.links: list[str] = []
+        self._nav = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        self._nav |= tag == "nav"
+        if tag == "h2" and a.get("id"):
+            self.ids.append(a["id"] or "")
+        if self._nav and tag == "a":
+            self.links.append((a.get("href") or "").removeprefix("#"))
+
+    def handle_endtag(self, tag: str) -> None:
+        self._nav &= tag != "nav"
+
+
+def test_table_of_contents_lists_every_section(full_report: tuple[Path, Any]) -> None:
+    _, paths = full_report
+    toc = _Toc()
+    toc.feed(paths.html.read_text(encoding="utf-8"))
+    assert toc.links == toc.ids  # every section, Overfit Sanity and the addendum included
+    assert {"preflight", "addendum"} <= set(toc.ids)
+
+
 def _chromium() -> str | None:
     for name in ("chromium", "chromium-browser", "google-chrome"):
         if path := shutil.which(name):
@@ -520,8 +549,11 @@ def test_html_renders_in_headless_chromium(full_report: tuple[Path, Any], tmp_pa
 window.addEventListener("load", () => {
   const imgs = Array.from(document.images);
   const bad = imgs.filter(i => !(i.complete && i.naturalWidth > 0)).length;
+  // Tables wider than the page would hide their last columns behind a scrollbar.
+  const wide = Array.from(document.querySelectorAll("div.scroll"))
+    .filter(d => d.scrollWidth > d.clientWidth + 1).length;
   document.body.setAttribute("data-probe", `images=${imgs.length} broken=${bad} h2=${
-    document.querySelectorAll("h2").length}`);
+    document.querySelectorAll("h2").length} wide=${wide}`);
 });
 </script></body>""")
     page = tmp_path / "probe.html"
@@ -529,18 +561,19 @@ window.addEventListener("load", () => {
     cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
            "--disable-component-update", "--disable-sync", "--no-first-run",
            f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
-           "--virtual-time-budget=5000", "--dump-dom", page.as_uri()]
+           "--window-size=1280,2000", "--virtual-time-budget=5000", "--dump-dom", page.as_uri()]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
-    m = re.search(r'data-probe="images=(\d+) broken=(\d+) h2=(\d+)"', done.stdout)
+    m = re.search(r'data-probe="images=(\d+) broken=(\d+) h2=(\d+) wide=(\d+)"', done.stdout)
     assert m, done.stdout[:500]
-    images, broken, h2 = map(int, m.groups())
+    images, broken, h2, wide = map(int, m.groups())
     assert images >= 5 and broken == 0 and h2 >= 14
+    assert wide == 0  # every table, the quantitative summary included, fits a 1280 px window
     console = [line for line in done.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
     assert not console, console
     # A screenshot of the real (probe-free) report: the page paints.
     shot = tmp_path / "shot.png"
-    subprocess.run([*cmd[:-2], f"--screenshot={shot}", "--window-size=1200,2000",
+    subprocess.run([*cmd[:-2], f"--screenshot={shot}",
                     paths.html.as_uri()], capture_output=True, timeout=120, check=False)
     assert shot.is_file() and shot.stat().st_size > 20_000
 

@@ -225,10 +225,12 @@ def test_yaml_syntax_error_and_cli_exit_code(tmp_path, articles_data):
     assert "Traceback" not in done.stderr
 
 
-def test_new_writes_a_valid_spec_with_every_section(tmp_path, monkeypatch):
+@pytest.mark.parametrize("category", ["hyperparam", "optimizer", "memory", "architecture",
+                                      "recipe"])
+def test_new_writes_a_valid_spec_with_every_section(tmp_path, monkeypatch, category):
     monkeypatch.chdir(tmp_path)
-    done = subprocess.run([sys.executable, "-m", "lmlab.cli", "new", "my-exp", "--category", "optimizer"],
-                          capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "lmlab.cli", "new", "my-exp", "--category",
+                           category], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     text = (tmp_path / "my-exp.yaml").read_text()
     for section in Spec.model_fields:  # the template writes every section the schema has
@@ -240,9 +242,62 @@ def test_new_writes_a_valid_spec_with_every_section(tmp_path, monkeypatch):
                     "Overfit Sanity"):
         assert heading in text
     plan = load_plan(tmp_path / "my-exp.yaml")
-    assert plan.spec.meta.category == "optimizer" and plan.spec.meta.name == "my-exp"
+    assert plan.spec.meta.category == category and plan.spec.meta.name == "my-exp"
+    assert f"# Example ({category}):" in text
     again = subprocess.run([sys.executable, "-m", "lmlab.cli", "new", "my-exp"], capture_output=True, text=True)
     assert again.returncode == 2  # never overwrites without --force
+
+
+def test_each_category_asks_a_question_of_its_kind(tmp_path):
+    """`new --category C` wrote the same warmup arms for every C: each now varies what its
+    kind of experiment varies, with checks on those arms."""
+    from lmlab.spec.expand import addendum_requested
+    from lmlab.spec.template import CATEGORIES, render
+
+    plans = {}
+    for category in CATEGORIES:
+        path = tmp_path / f"{category}.yaml"
+        path.write_text(render(category, category))
+        plans[category] = load_plan(path)
+    varied = {c: set(p.variables) for c, p in plans.items()}
+    assert {"train.batch_size", "optimizer.lr"} <= varied["hyperparam"]
+    assert varied["optimizer"] == {"optimizer.name"}
+    optimizer = plans["optimizer"]
+    assert len({optimizer.arm_config(a).optimizer.name for a in optimizer.arms}) == 2
+    assert all(v.startswith("model.") for v in varied["architecture"])
+    assert varied["memory"] == {"train.activation_checkpointing"}
+    assert addendum_requested(plans["memory"].spec)
+    assert not any(addendum_requested(p.spec) for c, p in plans.items() if c != "memory")
+    assert varied["recipe"] <= {"schedule.warmup_steps", "schedule.name", "train.z_loss"}
+    assert "peak_mem_bytes" in {c.metric for c in plans["memory"].spec.hypothesis.checks}
+    # five different designs, each with checks on its own arms
+    assert len({tuple(sorted(p.arms)) for p in plans.values()}) == len(CATEGORIES)
+    for p in plans.values():
+        assert p.spec.hypothesis.checks
+        for check in p.spec.hypothesis.checks:
+            assert check.arm in p.arms and (check.than is None or check.than in p.arms)
+
+
+def test_every_error_is_shown_each_with_its_line_up_to_a_cap(tmp_path, articles_data):
+    from lmlab.spec.load import MAX_ERRORS
+
+    spec = base_spec(articles_data)
+    spec["hypotesis"] = spec.pop("hypothesis")
+    err = refused(tmp_path, spec)
+    path = tmp_path / "bad.yaml"
+    assert [e.field for e in [err, *err.more]] == ["hypothesis", "hypotesis"]
+    assert err.more[0].line == line_of(path, "hypotesis:")
+    assert "did you mean 'hypothesis'" in err.more[0].message
+    assert err.omitted == 0 and len(err.lines()) == 2
+
+    spec = base_spec(articles_data)
+    spec["controlled"]["model"].update({f"knob_{i}": i for i in range(MAX_ERRORS + 8)})
+    err = refused(tmp_path, spec)
+    lines = err.lines()
+    assert len(lines) == MAX_ERRORS + 1 and err.omitted == 8
+    assert lines[-1] == "... and 8 more errors (fix these first)"
+    assert [e.line for e in [err, *err.more]] == sorted(e.line for e in [err, *err.more])
+    assert lines[0].startswith(f"{path}:{line_of(path, 'knob_0:')} controlled.model.knob_0: ")
 
 
 # ---- preflight ---------------------------------------------------------------------------------

@@ -446,7 +446,11 @@ def test_hardware_summary() -> None:
     assert hardware_summary({"gpu_names": ["NVIDIA H100 80GB HBM3"], "cpu_count": 16,
                              "cpu_model": "AMD EPYC"}) == "1× NVIDIA H100 80GB HBM3"
     assert hardware_summary({"gpu_names": ["A100", "A100", "T4"]}) == "2× A100, 1× T4"
-    assert hardware_summary({"gpu_names": [], "cpu_count": 2,
+    # Two cores of one processor are not "2× Xeon" (issue 14): cores are counted as cores.
+    assert hardware_summary({"gpu_names": [], "cpu_count": 2, "cpu_count_usable": 2,
                              "cpu_model": "Intel(R) Xeon(R) Processor"}) == (
-        "2× Intel(R) Xeon(R) Processor (CPU)")
+        "Intel(R) Xeon(R) Processor (CPU, 2 logical cores)")
+    assert hardware_summary({"cpu_count": 16, "cpu_count_usable": 4, "cpu_model": "AMD EPYC"}) \
+        == "AMD EPYC (CPU, 4 of 16 logical cores usable)"
+    assert hardware_summary({"cpu_count": 1, "cpu_model": "x"}) == "x (CPU, 1 logical core)"
     assert hardware_summary({}) == "unknown CPU (CPU)"

@@ -7,6 +7,7 @@ code 2; bugs keep their traceback.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -14,13 +15,84 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
+from lmlab import __version__
 from lmlab.errors import UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Controlled language-model training experiments on WikiText-2.")
-console = Console(stderr=True)
-out = Console()
+
+def _untyped_flags(params: list) -> list:
+    """typer's rich help prints a type tag beside every option, flags included (``--json
+    <bool>``, even ``--help <bool>``); a flag takes no value, so it gets no tag."""
+    for p in params:
+        if isinstance(p, TyperOption) and (p.is_flag or p.count) and p.metavar is None:
+            p.metavar = ""
+    return params
+
+
+class _Command(TyperCommand):
+    def get_params(self, ctx):
+        return _untyped_flags(super().get_params(ctx))
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx):
+        return _untyped_flags(super().get_params(ctx))
+
+
+class _App(typer.Typer):
+    """Every command help-formatted by :class:`_Command`, however it is declared."""
+
+    def command(self, *args, cls=None, **kwargs):
+        return super().command(*args, cls=cls or _Command, **kwargs)
+
+
+app = _App(cls=_Group, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+           help="Controlled language-model training experiments on WikiText-2.")
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        import platform
+
+        import torch
+
+        out.print(f"lmlab {__version__} (torch {torch.__version__}, python "
+                  f"{platform.python_version()})", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True,
+        help="print lmlab's version (and torch's and python's) and exit")] = False) -> None:
+    # The group's own options; the help text is the app's.
+    pass
+
+
+# -- where the data comes from: the same options, and environment variables, for every command
+# that loads data (run, plan, preflight, train) --------------------------------------------------
+
+DataDir = Annotated[Path | None, typer.Option(
+    "--data-dir", envvar="LMLAB_DATA_DIR", file_okay=False,
+    help="a folder holding wikitext-2-raw-v1/ (wiki.{train,valid,test}.raw) and, for the gpt2 "
+         "tokenizer, gpt2-tokenizer/; searched before the cache (~/.cache/lmlab) and the "
+         "download")]
+FallbackCorpus = Annotated[Path | None, typer.Option(
+    "--fallback-corpus", envvar="LMLAB_FALLBACK_CORPUS", exists=True, file_okay=False,
+    help="if WikiText-2 can be neither found nor downloaded, train on this local corpus "
+         "folder (train.txt, valid.txt, test.txt) instead, recorded and reported under its own "
+         "name")]
+
+
+def _use_data_dir(data_dir: Path | None) -> None:
+    """Worker processes inherit the environment: setting it here reaches every run."""
+    if data_dir is not None:
+        import os
+
+        os.environ["LMLAB_DATA_DIR"] = str(data_dir.expanduser().resolve())
 
 
 def _fmt(value: object, digits: int = 4) -> str:
@@ -32,11 +104,14 @@ def _fmt(value: object, digits: int = 4) -> str:
 
 @app.command()
 def train(
-    config: Annotated[Path, typer.Argument(help="a run config YAML (sections data, tokenizer, "
-                                                "model, optimizer, schedule, train, budget, "
-                                                "evaluation, cadence)")],
+    config: Annotated[Path, typer.Argument(help="a run config YAML: any of the sections data, "
+                                                "tokenizer, model, optimizer, schedule, train, "
+                                                "budget, evaluation (with diagnostics), cadence; "
+                                                "what is left out keeps its default")],
     out_dir: Annotated[Path | None, typer.Option("--out", help="output directory "
                                                  "(default runs/<config name>)")] = None,
+    data_dir: DataDir = None,
+    fallback_corpus: FallbackCorpus = None,
 ) -> None:
     """Train one configuration and record everything about it in DIR/lmlab.sqlite."""
     from lmlab.analysis.records import load_runs
@@ -47,12 +122,17 @@ def train(
     from lmlab.spec.load import load_yaml, upgrade_run_doc, validate
     from lmlab.store import Store
 
+    _use_data_dir(data_dir)
     doc = upgrade_run_doc(load_yaml(config))
     cfg = validate(doc, RunConfig)
+    base = config.parent.resolve()
+    if fallback_corpus is not None:
+        with doc.located():
+            data = _fallback_data(cfg.data, base, fallback_corpus)
+        cfg = cfg.model_copy(update={"data": data})
     out_dir = out_dir or Path("runs") / config.stem
     with doc.located():
-        result = run_single(cfg, out_dir, run_id=run_id(config.stem, cfg.train.seed),
-                            base=config.parent.resolve())
+        result = run_single(cfg, out_dir, run_id=run_id(config.stem, cfg.train.seed), base=base)
     with Store.existing(out_dir) as store:
         record = next(r for r in load_runs(store) if r.run_id == result.run_id)
     out.print(f"[bold]{result.run_id}[/]: {result.status}")
@@ -71,7 +151,7 @@ def status(
 ) -> None:
     """Per run: status, steps, tokens, final validation metrics, speed, memory, events."""
     from lmlab.analysis.records import load_runs, status_row
-    from lmlab.report.format import NA, integer, mib
+    from lmlab.report.terminal import status_table
     from lmlab.store import Store
 
     with Store.existing(directory) as store:
@@ -79,52 +159,60 @@ def status(
     if as_json:
         out.print_json(json.dumps(rows))
         return
-    table = Table(title=str(directory))
-    for col in ("run", "status", "steps", "tokens", "val loss", "val ppl", "bpb", "word ppl",
-                "tok/s", "peak memory", "events"):
-        table.add_column(col)
-    for r in rows:
-        events = ", ".join(f"{k}:{v}" for k, v in sorted(r["events"].items())) or NA
-        # A run that did not complete has no final metrics: say where it stopped instead.
-        stopped = f" at step {r['stopped_at_step']:,}" if r["stopped_at_step"] is not None else ""
-        table.add_row(r["run_id"], r["status"] + stopped, integer(r["steps"]),
-                      integer(r["tokens"]), _fmt(r["final_val_loss"]), _fmt(r["final_val_ppl"]),
-                      _fmt(r["final_val_bpb"]), _fmt(r["final_val_word_ppl"]),
-                      integer(r["tokens_per_s"]), mib(r["peak_mem_bytes"]), events)
+    table, dropped = status_table(rows, out.width, title=str(directory))
     out.print(table)
+    if dropped:
+        console.print(f"(too narrow for {', '.join(dropped)}: widen the terminal, or --json)")
 
 
-def _plan(spec: Path):
+def _plan(spec: Path, data_dir: Path | None = None, fallback: Path | None = None):
+    """The spec's plan, its data found as ``--data-dir`` / ``--fallback-corpus`` (or their
+    environment variables) say: the same for every command that loads data."""
     from lmlab.spec.expand import load_plan
 
-    return load_plan(spec)
+    _use_data_dir(data_dir)
+    p = load_plan(spec)
+    return _with_fallback(p, fallback) if fallback is not None else p
+
+
+def _warn(p, *, bound: bool = True) -> None:
+    """Print the settings of plan ``p`` that cannot do what they say (and, with ``bound``,
+    a budget this machine cannot finish in a day), each as ``file:line field: ...``."""
+    from lmlab.execute.feasible import too_long
+    from lmlab.spec.advice import advise
+
+    items = advise(p)
+    if bound and (slow := too_long(p)) is not None:
+        items.append(slow)
+    for a in items:
+        console.print(f"warning: {p.doc.error(a.field, a.message)}", style="yellow",
+                      markup=False, highlight=False)
 
 
 def _placeholders(spec: Path) -> list[str]:
-    import re
-
     return sorted(set(re.findall(r"__[A-Z]+__", spec.read_text())))
 
 
 @app.command()
 def new(
-    name: Annotated[str, typer.Argument(help="experiment name; writes NAME.yaml")],
+    name: Annotated[str, typer.Argument(help="experiment name (letters, digits, _ . -); writes "
+                                             "NAME.yaml")],
     category: Annotated[str, typer.Option(help="hyperparam | optimizer | memory | "
-                                          "architecture | recipe")] = "hyperparam",
+                                          "architecture | recipe: the template asks a question "
+                                          "of this kind")] = "hyperparam",
     force: Annotated[bool, typer.Option(help="overwrite an existing file")] = False,
 ) -> None:
     """Write a new spec: every template section present, with the template's comments."""
-    from lmlab.spec.schema import Meta
-    from lmlab.spec.template import render
+    from lmlab.spec.template import CATEGORIES, NAME_PATTERN, render
 
     path = Path(name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
     stem = path.stem
-    try:
-        Meta(name=stem, category=category)  # type: ignore[arg-type]
-    except Exception:
-        raise UserError(f"category must be one of hyperparam, optimizer, memory, architecture, "
-                        f"recipe (got {category!r}) and the name letters, digits, _ . -",
-                        field="--category") from None
+    if not re.fullmatch(NAME_PATTERN, stem):
+        raise UserError(f"{stem!r} cannot name an experiment: use letters, digits, '_', '.' and "
+                        "'-', starting with a letter or digit (e.g. warmup-study)", field="NAME")
+    if category not in CATEGORIES:
+        raise UserError(f"unknown category {category!r}: choose one of {', '.join(CATEGORIES)}",
+                        field="--category")
     if path.exists() and not force:
         raise UserError("exists already (use --force to overwrite)", file=str(path))
     path.write_text(render(stem, category))
@@ -138,6 +226,7 @@ def validate(spec: Annotated[Path, typer.Argument(help="an experiment spec YAML"
     out.print(f"{spec}: valid — {len(plan.arms)} arms × {len(plan.spec.meta.seeds)} seeds = "
               f"{len(plan.runs)} runs, axis {plan.spec.comparison_axis}, "
               f"independent: {', '.join(plan.variables)}")
+    _warn(plan)
     if todo := _placeholders(spec):
         console.print(f"[yellow]note:[/] unfilled placeholders: {', '.join(todo)}")
 
@@ -147,11 +236,14 @@ def plan(
     spec: Annotated[Path, typer.Argument(help="an experiment spec YAML")],
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False,
     no_estimate: Annotated[bool, typer.Option("--no-estimate", help="skip timing real steps")] = False,
+    data_dir: DataDir = None,
+    fallback_corpus: FallbackCorpus = None,
 ) -> None:
     """The table of runs and their expected wall-clock (timed on a few real steps per shape)."""
     from lmlab.execute.experiment import estimate, prepare_plan_data
 
-    p = _plan(spec)
+    p = _plan(spec, data_dir, fallback_corpus)
+    _warn(p, bound=no_estimate)  # a measured estimate says more than the bound
     if no_estimate:
         record = p.to_json()
     else:
@@ -160,19 +252,22 @@ def plan(
     if as_json:
         out.print_json(json.dumps(record))
         return
-    table = Table(title=f"{p.spec.meta.name}: {len(p.runs)} runs, {p.spec.comparison_axis}")
-    for col in ("run", "arm", "seed", *p.variables, "tokens", "steps", "eff. batch", "expected"):
-        table.add_column(col)
-    for r in record["runs"]:
-        est = r.get("estimate_s")
-        table.add_row(r["run_id"], r["arm"], str(r["seed"]),
-                      *[_fmt(r["values"].get(v, "")) for v in p.variables],
-                      _fmt(r["tokens"]), _fmt(r["steps"]), str(r["effective_batch"]),
-                      f"{est:.0f} s" if est is not None else "-")
+    from lmlab.report.format import seconds
+    from lmlab.report.terminal import plan_table
+
+    table, dropped = plan_table(record, p.variables, out.width, title=f"{p.spec.meta.name}: "
+                                f"{len(p.runs)} runs, {p.spec.comparison_axis}")
     out.print(table)
-    if record.get("estimate_total_s") is not None:
-        out.print(f"expected wall-clock in total: {record['estimate_total_s'] / 60:.1f} min "
-                  "(runs in sequence on this machine)")
+    if dropped:
+        console.print(f"(too narrow for {', '.join(dropped)}: widen the terminal, or --json)")
+    if (total := record.get("estimate_total_s")) is not None:
+        from lmlab.execute.feasible import DAY_S
+
+        out.print(f"expected wall-clock in total: {seconds(total)} (runs in sequence on this "
+                  "machine)")
+        if total > DAY_S:
+            console.print(f"warning: that is {total / DAY_S:,.1f} days: shrink the budget or the "
+                          "model, or run on faster hardware", style="yellow", markup=False)
 
 
 @app.command()
@@ -180,12 +275,14 @@ def preflight(
     spec: Annotated[Path, typer.Argument(help="an experiment spec YAML")],
     out_dir: Annotated[Path | None, typer.Option("--out", help="experiment directory "
                                                  "(default runs/<name>)")] = None,
+    data_dir: DataDir = None,
+    fallback_corpus: FallbackCorpus = None,
 ) -> None:
     """The Overfit Sanity Template for each distinct configuration; Pass/Fail in the store."""
     from lmlab.execute.experiment import open_experiment, run_preflight
     from lmlab.execute.lease import hold_directory
 
-    p = _plan(spec)
+    p = _plan(spec, data_dir, fallback_corpus)
     out_dir = out_dir or Path("runs") / p.spec.meta.name
     with hold_directory(out_dir):  # one driver writes the directory at a time
         open_experiment(p, out_dir)
@@ -208,22 +305,22 @@ def run(
     spec: Annotated[Path, typer.Argument(help="an experiment spec YAML")],
     out_dir: Annotated[Path | None, typer.Option("--out", help="experiment directory "
                                                  "(default runs/<name>)")] = None,
-    skip_preflight: Annotated[bool, typer.Option("--skip-preflight")] = False,
+    skip_preflight: Annotated[bool, typer.Option(
+        "--skip-preflight", help="start the runs without the Overfit Sanity preflight (a "
+        "passed preflight is remembered anyway)")] = False,
     force_new: Annotated[bool, typer.Option("--force-new", help="the spec changed: move the "
                                             "old results aside and start a new experiment")] = False,
     parallel: Annotated[int | None, typer.Option(min=1, help="concurrent runs (default: one "
                                                  "per GPU, or one on CPU)")] = None,
-    fallback_corpus: Annotated[Path | None, typer.Option(
-        "--fallback-corpus", help="if WikiText-2 cannot be found or downloaded, train on this "
-        "local corpus folder instead (recorded and reported under its own name)")] = None,
+    data_dir: DataDir = None,
+    fallback_corpus: FallbackCorpus = None,
 ) -> None:
     """Preflight, then every arm x seed, each in its own process. Rerun to resume."""
     from lmlab.execute.experiment import run_experiment
     from lmlab.names import STORE_FILE, Status
 
-    p = _plan(spec)
-    if fallback_corpus is not None:
-        p = _with_fallback(p, fallback_corpus)
+    p = _plan(spec, data_dir, fallback_corpus)
+    _warn(p)
     out_dir = out_dir or Path("runs") / p.spec.meta.name
     with p.doc.located("controlled"):
         result = run_experiment(p, out_dir, skip_preflight=skip_preflight, force_new=force_new,
@@ -240,26 +337,30 @@ def run(
 
 
 def _with_fallback(p, corpus: Path):
-    """Swap WikiText-2 for a local corpus when WikiText-2 is not available on this machine."""
-    from lmlab.data.wikitext import locate_corpus
+    """The plan on a local corpus when its WikiText-2 is not available on this machine."""
     from lmlab.spec.expand import expand
 
     data = p.spec.controlled.data
-    if data.dataset != "wikitext-2-raw-v1":
+    with p.doc.located("controlled"):
+        swapped = _fallback_data(data, p.base, corpus)
+    if swapped is data:
         return p
-    try:
-        locate_corpus(data, p.base)
-        return p
-    except UserError as e:
-        console.print(f"[yellow]WikiText-2 is not available here[/] ({str(e).splitlines()[0][:160]})"
-                      f"\n[yellow]training on the local corpus {corpus} instead; every record "
-                      "and the report name it as what it is, not WikiText-2[/]")
-    if not corpus.is_dir():
-        raise UserError("fallback corpus folder not found", file=str(corpus),
-                        field="--fallback-corpus")
     spec = p.spec.model_copy(deep=True)
-    spec.controlled.data = type(data)(dataset="local", path=str(corpus.resolve()))
+    spec.controlled.data = swapped
     return expand(spec, p.doc)
+
+
+def _fallback_data(data, base: Path, corpus: Path):
+    """``data``, or the fallback corpus's config when ``data``'s WikiText-2 is not here (said
+    on stderr: every record and the report name the corpus used)."""
+    from lmlab.data.wikitext import with_fallback
+
+    swapped, why = with_fallback(data, base, corpus)
+    if why is not None:
+        console.print(f"[yellow]WikiText-2 is not available here[/] ({why.splitlines()[0][:160]})"
+                      f"\n[yellow]training on the local corpus {corpus} instead; every record "
+                      "and the report name it as what it is, not WikiText-2[/]", soft_wrap=True)
+    return swapped
 
 
 @app.command()
@@ -290,9 +391,11 @@ def compare(
 
 @app.command()
 def systems(directory: Annotated[Path, typer.Argument(help="an experiment directory")]) -> None:
-    """The Memory / Systems addendum: step time, tokens/sec, peak memory and final val loss per
-    arm against the reference, with memory saved, speed change and behaviour difference
-    (computed from the store, for any experiment with runs)."""
+    """The Memory / Systems addendum of an experiment, in the terminal.
+
+    Step time, tokens/sec, peak memory and final validation loss per arm against the reference
+    arm, with the memory saved, the speed change and the behaviour difference; computed from
+    the store, for any experiment with runs."""
     from lmlab.report import print_addendum
 
     print_addendum(directory)
@@ -394,7 +497,8 @@ def main() -> None:
     try:
         app()
     except UserError as e:
-        console.print(f"error: {e}", highlight=False, markup=False, soft_wrap=True)
+        for line in e.lines():
+            console.print(f"error: {line}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(e.exit_code)
 
 

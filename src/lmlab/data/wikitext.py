@@ -91,6 +91,20 @@ def locate_corpus(cfg: DataConfig, base: Path | None = None) -> Corpus:
     return _locate_wikitext2(cfg, base)
 
 
+def with_fallback(cfg: DataConfig, base: Path | None, corpus: Path) -> tuple[DataConfig, str | None]:
+    """``cfg``, or a ``local`` config for the folder ``corpus`` when ``cfg`` names WikiText-2
+    and it can be neither found nor downloaded on this machine. The second value is why
+    WikiText-2 was not used (None when it was). The substitute keeps the folder's own name, so
+    nothing trained on it is ever labelled WikiText-2."""
+    if cfg.dataset != WIKITEXT2:
+        return cfg, None
+    try:
+        locate_corpus(cfg, base)
+    except UserError as e:
+        return DataConfig(dataset="local", path=str(corpus.expanduser().resolve())), str(e)
+    return cfg, None
+
+
 # --------------------------------------------------------------------------------------------
 # local corpora
 

@@ -25,18 +25,12 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from lmlab.config import RunConfig
 from lmlab.errors import UserError
 from lmlab.execute.estimate import check_memory
 from lmlab.execute.lease import EXIT_BUSY, RUN_LEASE_WAIT_S, Lease, hold_directory
+from lmlab.execute.progress import ProgressDisplay, make_progress
 from lmlab.identity import same
 from lmlab.names import (
     FINISHED,
@@ -81,12 +75,8 @@ def stop_on_signals() -> Iterator[threading.Event]:
             signal.signal(s, h)
 
 
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
-        disable=not console.is_terminal and os.environ.get("LMLAB_PROGRESS") != "1",
-    )
+def _progress() -> ProgressDisplay:
+    return make_progress(console)
 
 
 def run_single(cfg: RunConfig, out_dir: Path, run_id: str, *, base: Path | None = None,

@@ -158,16 +158,17 @@ def _event_markers(ax: Axes, exp: Experiment, x_key: str, colors: Mapping[str, A
     return drawn
 
 
-def _focus_ylim(ax: Axes, curves: Mapping[str, Curve]) -> None:
-    """Loss curves fall steeply at first; cut the first 10% of the x-range off the y-limits so
-    the part where arms differ is readable (the cut-off start is still drawn, off the top)."""
+def _focus_ylim(ax: Axes, curves: Mapping[str, Curve], cut: float = 0.1) -> None:
+    """Loss curves fall steeply at first; cut the first ``cut`` of the x-range off the
+    y-limits so the part where arms differ is readable (the cut-off start is still drawn, off
+    the top). ``cut=0`` keeps every point in view."""
     highs, lows = [], []
     for c in curves.values():
         ok = np.isfinite(c.mean)
         if not ok.any():
             continue
         x = c.x[ok]
-        tail = x >= x[0] + 0.1 * (x[-1] - x[0])
+        tail = x >= x[0] + cut * (x[-1] - x[0])
         top = (c.high if c.n_seeds > 1 else c.mean)[ok]
         bottom = (c.low if c.n_seeds > 1 else c.mean)[ok]
         highs.append(np.nanmax(top[tail]) if tail.any() else np.nanmax(top))
@@ -240,7 +241,13 @@ def _loss_figure(exp: Experiment, colors: Mapping[str, Any], out: Path, x_key: s
                                       (axes[1], val, VAL_LOSS, "Validation loss")):
         for arm, curve in curves.items():
             _band(ax, curve, colors[arm], arm)
-        _focus_ylim(ax, curves)
+            if metric == VAL_LOSS:  # a handful of evaluations: mark each one
+                ok = np.isfinite(curve.mean)
+                ax.plot(curve.x[ok], curve.mean[ok], ls="none", marker="o", ms=3,
+                        color=colors[arm])
+        # Train losses are dense and fall steeply: focus past the start. Validation points
+        # are few, each a measurement (the first shows the initial loss): all stay in view.
+        _focus_ylim(ax, curves, cut=0.1 if metric == TRAIN_LOSS else 0.0)
         diverged |= _diverged_seeds(ax, exp, metric, x_key, colors)
         if metric == TRAIN_LOSS:
             kinds = _event_markers(ax, exp, x_key, colors, curves)
@@ -254,7 +261,8 @@ def _loss_figure(exp: Experiment, colors: Mapping[str, Any], out: Path, x_key: s
                  f"Mean over seeds per arm, band = min–max over seeds; x = {what}. Per-step "
                  "train losses are averaged into bins when there are more steps than pixels. "
                  "Markers: stability events where they happened; dashed: seeds that diverged "
-                 "(left out of the mean). The y-axis starts after the first 10% of the run.")
+                 "(left out of the mean). The train-loss y-axis starts after the first 10% of the "
+                 "run; the validation axis shows every evaluation (dots).")
 
 
 def _grad_norm_figure(exp: Experiment, colors: Mapping[str, Any], out: Path) -> Figure | None:
@@ -301,13 +309,15 @@ def _speed_memory_figure(exp: Experiment, arms: Mapping[str, ArmSummary],
             err = s.std * scale if s.n > 1 else 0.0
             ax.barh(i, s.mean * scale, xerr=err, color=colors[arm], alpha=0.75, capsize=3)
             ax.plot(seeds, np.full(len(seeds), i), ls="none", marker="o", ms=4, color="black")
-            ax.text(s.mean * scale, i, f"  {s.mean * scale:,.0f}", va="center", ha="left",
-                    fontsize=8)
+            # The label starts past the whisker and the seed dots, never on top of them.
+            ends = [s.mean * scale + err, *seeds.tolist()]
+            ax.text(max(v for v in ends if math.isfinite(v)), i, f"  {s.mean * scale:,.0f}",
+                    va="center", ha="left", fontsize=8)
         ax.set_yticks(range(len(names)), names)
         ax.invert_yaxis()
         ax.set_title(title)
         ax.grid(axis="x", alpha=0.3)
-        ax.margins(x=0.15)
+        ax.margins(x=0.25)
     fig.tight_layout()
     return _save(fig, out, "speed_memory", f"Tokens/sec and {memory_label} per arm",
                  "Bars: mean over seeds; whiskers: ±1 std; dots: individual seeds.")
@@ -342,10 +352,12 @@ def _diagnostics_figure(exp: Experiment, colors: Mapping[str, Any], out: Path) -
     if blocks:
         panels.append(("Gradient norm per block (mean over the run)", lambda ax: _per_layer(
             ax, exp, colors, blocks, "mean", "gradient norm", "block")))
-    ratio = _indexed(names, DIAG_UPDATE_RATIO)
+    ratio = _first_middle_last(_indexed(names, DIAG_UPDATE_RATIO))
     if ratio:
-        panels.append(("Update / weight ratio per block (mean over the run)", lambda ax: _per_layer(
-            ax, exp, colors, ratio, "mean", "‖Δw‖ / ‖w‖", "block", log=True)))
+        # Over the run, not averaged: the first steps' ratios are ~30x the later ones and would
+        # swamp a mean, hiding an ordering between arms that can reverse as training goes on.
+        panels.append(("Update / weight ratio over the run", lambda ax: _per_block_curves(
+            ax, exp, colors, ratio, "‖Δw‖ / ‖w‖ (log scale)", log=True)))
     if not panels:
         return None
     cols = 2 if len(panels) > 1 else 1
@@ -365,12 +377,22 @@ def _diagnostics_figure(exp: Experiment, colors: Mapping[str, Any], out: Path) -
                  "Probe-batch diagnostics logged every K steps: activation RMS of the first, "
                  "middle and last block; root-sum-square of the LayerNorm weight and bias "
                  "gradient norms; attention entropy per layer at the last probe; gradient norm "
-                 "and update/weight ratio per block averaged over the run. Per-layer panels: "
-                 "mean over seeds with min–max whiskers.")
+                 "per block averaged over the run; the update/weight ratio of the first, middle "
+                 "and last block at every probe. Curves: mean over seeds; per-layer panels: mean "
+                 "over seeds with min–max whiskers.")
+
+
+def _first_middle_last(blocks: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """The first, middle and last of ``blocks`` (all of them when there are three or fewer):
+    as many curves per arm as a panel can tell apart by line style."""
+    if len(blocks) <= 3:
+        return blocks
+    return [blocks[0], blocks[(len(blocks) - 1) // 2], blocks[-1]]
 
 
 def _per_block_curves(ax: Axes, exp: Experiment, colors: Mapping[str, Any],
-                      blocks: list[tuple[int, str]], ylabel: str) -> list[Line2D]:
+                      blocks: list[tuple[int, str]], ylabel: str,
+                      log: bool = False) -> list[Line2D]:
     handles = []
     for j, (index, name) in enumerate(blocks):
         style = _BLOCK_STYLES[j % len(_BLOCK_STYLES)]
@@ -378,6 +400,8 @@ def _per_block_curves(ax: Axes, exp: Experiment, colors: Mapping[str, Any],
             ok = np.isfinite(curve.mean)
             ax.plot(curve.x[ok], curve.mean[ok], color=colors[arm], ls=style, lw=1.4)
         handles.append(Line2D([], [], color="grey", ls=style, label=f"block {index}"))
+    if log:
+        _log_y(ax)
     ax.set_ylabel(ylabel)
     _x_axis(ax, exp.x_key)
     return handles
@@ -400,8 +424,8 @@ def _ln_curves(ax: Axes, exp: Experiment, colors: Mapping[str, Any]) -> list[Lin
 
 
 def _per_layer(ax: Axes, exp: Experiment, colors: Mapping[str, Any],
-               layers: list[tuple[int, str]], pick: str, ylabel: str, xlabel: str,
-               log: bool = False) -> list[Line2D]:
+               layers: list[tuple[int, str]], pick: str, ylabel: str,
+               xlabel: str) -> list[Line2D]:
     index = [i for i, _ in layers]
     n_arms = max(len(exp.arms), 1)
     for k, arm in enumerate(exp.arms):
@@ -428,8 +452,6 @@ def _per_layer(ax: Axes, exp: Experiment, colors: Mapping[str, Any],
     ax.set_xticks(index)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    if log:
-        _log_y(ax)
     ax.grid(alpha=0.3)
     return []
 

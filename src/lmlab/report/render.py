@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import markupsafe
 
 from lmlab.analysis.summary import load_experiment, write_summary_csv
 from lmlab.report.inputs import gather
@@ -78,7 +79,21 @@ def render_html(ctx: dict[str, Any]) -> str:
                              trim_blocks=True, lstrip_blocks=True,
                              undefined=jinja2.StrictUndefined)
     env.filters["data_uri"] = data_uri
+    env.filters["cell"] = html_cell
     return env.get_template("report.html.j2").render(**ctx)
+
+
+_SEEDS = re.compile(r"^(.*\S) (\(n=\d+\))$")
+
+
+def html_cell(text: str) -> markupsafe.Markup:
+    """A table cell, escaped. A seed summary "mean ± std (n=k)" becomes two unbreakable parts,
+    the number and its "(n=k)", so a narrow column wraps between them and never inside a number."""
+    m = _SEEDS.match(str(text))
+    if m is None:
+        return markupsafe.escape(text)
+    return markupsafe.Markup('<span class="v">{}</span> <span class="n">{}</span>').format(
+        m.group(1), m.group(2))
 
 
 def data_uri(fig: Figure) -> str:

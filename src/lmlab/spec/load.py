@@ -6,6 +6,8 @@ validation error deep in the tree becomes ``spec.yaml:14 independent.arms.big.lr
 
 from __future__ import annotations
 
+import difflib
+import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -209,11 +211,17 @@ def upgrade_run_doc(doc: YamlDoc) -> YamlDoc:
     return upgrade_spec_doc(doc)
 
 
-def _describe(err: dict[str, Any]) -> str:
+# However many fields a document gets wrong, this many are shown, each with its line; the rest
+# are counted. A dozen covers a pasted section in the wrong place without flooding the terminal.
+MAX_ERRORS = 12
+
+
+def _describe(err: dict[str, Any], known: list[str]) -> str:
     kind, msg = err.get("type", ""), err.get("msg", "invalid value")
     value = err.get("input")
     if kind == "extra_forbidden":
-        return "unknown field"
+        close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1, cutoff=0.6)
+        return f"unknown field (did you mean '{close[0]}'?)" if close else "unknown field"
     if kind == "missing":
         return "required field is missing"
     if kind.endswith("_parsing") or kind.endswith("_type"):
@@ -221,18 +229,43 @@ def _describe(err: dict[str, Any]) -> str:
     return msg.removeprefix("Value error, ")
 
 
+def _fields_at(model: type[BaseModel], loc: list[str]) -> list[str]:
+    """The field names a document may write at ``loc`` inside ``model`` (for "did you mean"),
+    or none where the schema there is not a plain model."""
+    node: Any = model
+    for part in loc:
+        if not (isinstance(node, type) and issubclass(node, BaseModel)) or \
+                part not in node.model_fields:
+            return []
+        annotation = node.model_fields[part].annotation
+        models = [a for a in (typing.get_args(annotation) or (annotation,))
+                  if isinstance(a, type) and issubclass(a, BaseModel)]
+        node = models[0] if models else None
+    if isinstance(node, type) and issubclass(node, BaseModel):
+        return list(node.model_fields)
+    return []
+
+
 def validate(doc: YamlDoc, model: type[M], data: Any = None, prefix: str = "") -> M:
-    """Build ``model`` from ``data`` (default: the whole document); the first error becomes a
-    UserError with the file, line and dotted field of the offending value."""
+    """Build ``model`` from ``data`` (default: the whole document). Every error becomes a
+    UserError line with the file, line and dotted field of the offending value, in the order
+    of the document (up to MAX_ERRORS; the rest are counted)."""
     try:
         return model.model_validate(doc.data if data is None else data)
     except ValidationError as e:
-        err = e.errors()[0]
-        # Drop pydantic's union/tag segments (they are not fields a user wrote).
-        loc = [str(p) for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-")))]
-        # A check across fields (config.about) names them: point at the first one's line.
-        loc += (err.get("ctx") or {}).get("fields", ())[:1]
-        field = ".".join(([prefix] if prefix else []) + loc)
-        more = len(e.errors()) - 1
-        suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
-        raise doc.error(field, _describe(err) + suffix) from None
+        found: dict[str, UserError] = {}
+        for err in e.errors():
+            # Drop pydantic's union/tag segments (they are not fields a user wrote).
+            loc = [str(p) for p in err["loc"]
+                   if not (isinstance(p, str) and ("[" in p or p.startswith("function-")))]
+            # A check across fields (config.about) names them: point at the first one's line.
+            loc += (err.get("ctx") or {}).get("fields", ())[:1]
+            field = ".".join(([prefix] if prefix else []) + loc)
+            # A value that fails every member of a union fails once for each: say it once.
+            if field not in found:
+                found[field] = doc.error(field, _describe(err, _fields_at(model, loc[:-1])))
+        ordered = sorted(found.values(), key=lambda u: u.line or 0)
+        first, *rest = ordered
+        first.more = rest[:MAX_ERRORS - 1]
+        first.omitted = len(rest) - len(first.more)
+        raise first from None

@@ -44,14 +44,21 @@ def capture(repo_dir: Path | str | None = None) -> dict[str, Any]:
 
 def hardware_summary(prov: Mapping[str, Any]) -> str:
     """One line for the template's hardware field: "1× NVIDIA H100 80GB HBM3" when the run had
-    GPUs, else "2× Intel(R) Xeon(R) ... (CPU)" with the logical core count."""
+    GPUs, else the CPU model with its logical cores, "Intel(R) Xeon(R) ... (CPU, 2 logical
+    cores)" (a count of cores, not of processors: "2× Xeon" would read as two CPUs), and how
+    many of them the run could use when that was fewer (a container, taskset)."""
     gpus = [name for name in prov.get("gpu_names") or [] if name]
     if gpus:
         # Mixed cards are rare but possible; list each model with its own count.
         return ", ".join(f"{n}× {name}" for name, n in Counter(gpus).items())
     cpu = prov.get("cpu_model") or "unknown CPU"
-    count = prov.get("cpu_count")
-    return f"{count}× {cpu} (CPU)" if count else f"{cpu} (CPU)"
+    count, usable = prov.get("cpu_count"), prov.get("cpu_count_usable")
+    if not count:
+        return f"{cpu} (CPU)"
+    cores = f"{count} logical core{'s' if count != 1 else ''}"
+    if usable and usable < count:
+        cores = f"{usable} of {cores} usable"
+    return f"{cpu} (CPU, {cores})"
 
 
 def _git(repo_dir: Path) -> dict[str, Any]:

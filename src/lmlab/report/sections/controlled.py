@@ -191,7 +191,7 @@ def _hardware(inputs: ReportInputs) -> str:
     lines = Counter((hardware_summary(p), str(p.get("device", "?"))) for p in inputs.provenances)
     if not lines:
         return "not captured (no run has started)"
-    text = "; ".join(f"{hw} (device {dev})" + (f", {n} runs" if len(lines) > 1 else "")
+    text = "; ".join(f"{hw}, device {dev}" + (f", {n} runs" if len(lines) > 1 else "")
                      for (hw, dev), n in lines.items())
     if len(lines) > 1:
         text += " — NOT the same hardware in every run: speed and memory are not comparable"

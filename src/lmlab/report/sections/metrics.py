@@ -20,7 +20,7 @@ from lmlab.names import (
     Event,
     eval_metric,
 )
-from lmlab.report.format import Item
+from lmlab.report.format import Item, plural
 from lmlab.report.inputs import ReportInputs
 
 if TYPE_CHECKING:  # matplotlib: not needed to write a section
@@ -60,11 +60,12 @@ def section(inputs: ReportInputs) -> Metrics:
     ]
     stability = [
         Item("Global gradient norm", _status(GRAD_NORM in names, "figure: gradient norm")),
-        Item("NaNs / divergence events", f"{ev.get(Event.NAN, 0)} NaN and "
-                                         f"{ev.get(Event.DIVERGENCE, 0)} divergence events "
-                                         "(marked on the train-loss curves)"),
-        Item("Loss spikes", f"{ev.get(Event.SPIKE, 0)} spike events (marked on the train-loss "
-                            "curves)"),
+        Item("NaNs / divergence events",
+             f"{plural(ev.get(Event.NAN, 0), 'NaN event')} and "
+             f"{plural(ev.get(Event.DIVERGENCE, 0), 'divergence event')} (marked on the "
+             "train-loss curves)"),
+        Item("Loss spikes", f"{plural(ev.get(Event.SPIKE, 0), 'spike event')} (marked on the "
+                            "train-loss curves)"),
     ]
     optional = [
         Item("Activation norms (first/middle/last layer)",
