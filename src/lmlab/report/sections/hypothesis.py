@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lmlab.analysis.verdict import describe_check
+from lmlab.analysis.checks import describe_check
 from lmlab.report.inputs import ReportInputs
 
 
