@@ -60,7 +60,10 @@ def build_experiment(directory: Path, arms: Sequence[Arm], *, checks: Sequence[M
                      objective: str = "Does a larger learning rate reach a lower loss?",
                      preflight: bool | str = True, addendum: bool = False,
                      is_wikitext2: bool = True, corpus: str = "wikitext-2-raw-v1",
-                     vocab: int = 8192, store_spec: bool = True) -> Path:
+                     vocab: int = 8192, store_spec: bool = True,
+                     prediction: str = "The high-lr arm ends with a lower validation loss.",
+                     expected: Sequence[object] = ("high lr converges faster",
+                                                   "low lr is under-trained")) -> Path:
     n_seeds = len(arms[0].finals)
     seeds = list(range(n_seeds))
     variables = sorted({k for a in arms for k in a.values})
@@ -70,14 +73,14 @@ def build_experiment(directory: Path, arms: Sequence[Arm], *, checks: Sequence[M
         "meta": {"name": name, "category": category, "seeds": seeds},
         "objective": objective,
         "hypothesis": {"mechanism": "Larger steps escape the plateau sooner.",
-                       "prediction": "The high-lr arm ends with a lower validation loss.",
+                       "prediction": prediction,
                        "falsification": "The high-lr arm is no better, or diverges.",
                        "checks": list(checks)},
         "controlled": {"train": {"batch_size": batch, "seq_len": seq_len}},
         "independent": {"variables": variables, "arms": {a.name: a.values for a in arms}},
         "budget": {"tokens": steps * tokens_per_step, "max_memory_mb": 4096},
         "comparison_axis": axis,
-        "expected_outcomes": ["high lr converges faster", "low lr is under-trained"],
+        "expected_outcomes": list(expected),
         "systems_addendum": addendum,
     }
     spec = Spec.model_validate(spec_doc)
@@ -759,3 +762,56 @@ def test_a_wanted_addendum_without_runs_says_so(tmp_path: Path) -> None:
 
     with pytest.raises(UserError, match="no runs"):
         print_addendum(tmp_path)
+
+
+def test_results_are_worded_as_the_statistics_allow(tmp_path: Path) -> None:
+    """Two norms within noise of each other: a tie everywhere a ranking would be stated, the
+    equivalence check read as "interchangeable", Holm across the checks, each expected outcome
+    answered, and a prediction about spikes that the data contradict said so."""
+    arms = [Arm("layernorm", {"model.norm": "layernorm"}, [5.01, 4.99, 5.02]),
+            Arm("rmsnorm", {"model.norm": "rmsnorm"}, [5.00, 5.02, 4.99], spikes={0: [25]})]
+    build_experiment(tmp_path, arms, name="norms", category="architecture", checks=[
+        {"metric": "final_val_loss", "arm": "rmsnorm", "op": "<", "than": "layernorm"},
+        {"metric": "final_val_loss", "arm": "rmsnorm", "op": "equivalent", "than": "layernorm",
+         "margin": 0.1}],
+        prediction="rmsnorm ends lower; layernorm shows more loss spikes than rmsnorm.",
+        expected=["rmsnorm trains as fast",
+                  {"outcome": "layernorm shows loss spikes", "check": {
+                      "metric": "spike_events", "arm": "layernorm", "op": ">=", "value": 1}},
+                  {"outcome": "rmsnorm's early gradient norm is no larger", "check": {
+                      "curve": {"metric": "grad_norm", "reduce": "max", "tokens": [0, 40960]},
+                      "arm": "rmsnorm", "op": "<=", "than": "layernorm"}}])
+    md = write_report(tmp_path).markdown.read_text(encoding="utf-8")
+    s9 = md.split("## 9. Interpretation")[1].split("## 10.")[0]
+    rows = {r["Check"]: r for r in md_table(s9, "Check")}
+    worse = rows["final_val_loss: rmsnorm < layernorm"]
+    same = rows["final_val_loss: rmsnorm within ±0.1 of layernorm"]
+    assert worse["Verdict"] == "INCONCLUSIVE" and same["Verdict"] == "SUPPORTED"
+    assert "Holm-adjusted p = " in worse["Test"] and "Holm share" in worse["Why"]
+    assert "P(improvement)" in md_table(s9, "Check")[0] and "seed pairs" in same["P(improvement)"]
+    assert "Family-wise α = 0.05 over 3 statistical checks" in s9
+    assert ("final_val_loss: rmsnorm < layernorm: inconclusive — rmsnorm − layernorm = "
+            "-0.003333 is within noise") in s9
+    # Section 9 answers every expected outcome, prose included.
+    assert "\u201crmsnorm trains as fast\u201d: not machine-checked" in s9
+    assert "\u201clayernorm shows loss spikes\u201d: NOT MET" in s9
+    assert "\u201crmsnorm's early gradient norm is no larger\u201d: " in s9
+    assert "max grad_norm over tokens [0, 40,960]: rmsnorm <= layernorm" in s9
+    # The prediction said layernorm spikes more; only rmsnorm spiked.
+    assert ("Predicted: \u201clayernorm shows more loss spikes than rmsnorm\u201d; seen loss "
+            "spikes per arm: layernorm 0, rmsnorm 1 — the data contradict it: loss spikes were "
+            "seen only in rmsnorm.") in s9
+    decision = md.split("## 10. Decision")[1].split("## 11.")[0]
+    assert "**(provisional)**" in decision
+    assert ("- **Any architectural preference:** interchangeable: model.norm = rmsnorm or "
+            "model.norm = layernorm") in decision or ("- **Any architectural preference:** "
+                                                      "interchangeable: model.norm = layernorm "
+                                                      "or model.norm = rmsnorm") in decision
+    assert "are interchangeable within ±0.1 on final_val_loss: equivalence is supported" \
+        in decision
+    summary = {r["Config"]: r for r in md_table(md, "Config")}
+    best = next(arm for arm, r in summary.items() if "best mean" in r["Notes"])
+    assert "within noise of" in summary[best]["Notes"]
+    assert "best final_val_loss" not in md  # no arm is called best outright
+    follow = md.split("## 11. Follow-up Questions")[1]
+    assert "is better on final_val_loss: the difference is within seed noise" in follow

@@ -147,16 +147,31 @@ def plan(
     spec: Annotated[Path, typer.Argument(help="an experiment spec YAML")],
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False,
     no_estimate: Annotated[bool, typer.Option("--no-estimate", help="skip timing real steps")] = False,
+    until_settled: Annotated[bool | None, typer.Option(
+        "--until-settled/--fixed-seeds", help="plan the rounds of seeds an until-settled run "
+        "may add (default: analysis.until_settled)")] = None,
+    max_seeds: Annotated[int | None, typer.Option(
+        "--max-seeds", min=2, help="until-settled: the cap on seeds per arm")] = None,
 ) -> None:
-    """The table of runs and their expected wall-clock (timed on a few real steps per shape)."""
+    """The table of runs and their expected wall-clock (timed on a few real steps per shape);
+    until settled, the rounds and the worst case."""
+    from lmlab.driver import design_of, plan_rounds
     from lmlab.execute.experiment import estimate, prepare_plan_data
+    from lmlab.spec.expand import expand
 
     p = _plan(spec)
+    design = design_of(p, until_settled, max_seeds)
+    if design is not None:  # every run the rounds may add is timed and listed
+        p = expand(p.spec, p.doc, seeds=sorted(design.seeds_through(len(design.rounds))))
     if no_estimate:
         record = p.to_json()
     else:
         with console.status("timing a few real steps of each shape..."), p.doc.located("controlled"):
             record = estimate(p, None, prepare_plan_data(p))
+    if design is not None:
+        estimates = {r["run_id"]: r.get("estimate_s") for r in record["runs"]}
+        record["rounds"] = plan_rounds(p, design, estimates)
+        record["sequential"] = design.to_json()
     if as_json:
         out.print_json(json.dumps(record))
         return
@@ -170,9 +185,29 @@ def plan(
                       _fmt(r["tokens"]), _fmt(r["steps"]), str(r["effective_batch"]),
                       f"{est:.0f} s" if est is not None else "-")
     out.print(table)
-    if record.get("estimate_total_s") is not None:
+    if design is not None:
+        _print_rounds(record["rounds"], design)
+    elif record.get("estimate_total_s") is not None:
         out.print(f"expected wall-clock in total: {record['estimate_total_s'] / 60:.1f} min "
                   "(runs in sequence on this machine)")
+
+
+def _print_rounds(rounds: list[dict], design) -> None:
+    from lmlab.report.format import seconds
+
+    table = Table(title=f"until settled: at most {len(rounds)} rounds, {design.max_seeds} seeds "
+                        f"per arm ({design.spending} spending, family-wise α = {design.alpha:g})")
+    for col in ("round", "new seeds", "seeds per arm", "runs", "expected", "cumulative",
+                "a check settles at p ≤"):
+        table.add_column(col)
+    for r in rounds:
+        table.add_row(str(r["round"]), ", ".join(map(str, r["seeds"])), str(r["seeds_per_arm"]),
+                      str(len(r["runs"])), seconds(r["expected_s"]), seconds(r["cumulative_s"]),
+                      f"{r['boundary_p']:.3g}")
+    out.print(table)
+    worst = rounds[-1]["cumulative_s"]
+    out.print("it stops at the first look where every check is settled; worst case (every round)"
+              + (f": {seconds(worst)} in sequence on this machine" if worst is not None else ""))
 
 
 @app.command()
@@ -214,9 +249,17 @@ def run(
     fallback_corpus: Annotated[Path | None, typer.Option(
         "--fallback-corpus", help="if WikiText-2 cannot be found or downloaded, train on this "
         "local corpus folder instead (recorded and reported under its own name)")] = None,
+    until_settled: Annotated[bool | None, typer.Option(
+        "--until-settled/--fixed-seeds", help="after the declared seeds, add seeds to every "
+        "arm in rounds until every check is supported or refuted, or --max-seeds is reached "
+        "(group-sequential, the whole procedure at analysis.alpha; default: "
+        "analysis.until_settled)")] = None,
+    max_seeds: Annotated[int | None, typer.Option(
+        "--max-seeds", min=2, help="until-settled: the cap on seeds per arm (default: "
+        "analysis.max_seeds)")] = None,
 ) -> None:
     """Preflight, then every arm x seed, each in its own process. Rerun to resume."""
-    from lmlab.execute.experiment import run_experiment
+    from lmlab import driver
     from lmlab.names import STORE_FILE, Status
 
     p = _plan(spec)
@@ -224,14 +267,23 @@ def run(
         p = _with_fallback(p, fallback_corpus)
     out_dir = out_dir or Path("runs") / p.spec.meta.name
     with p.doc.located("controlled"):
-        result = run_experiment(p, out_dir, skip_preflight=skip_preflight, force_new=force_new,
-                                parallel=parallel)
-    if result["moved"]:
-        console.print(f"previous results moved to {result['moved']}")
+        result = driver.run(p, out_dir, until_settled=until_settled, max_seeds=max_seeds,
+                            skip_preflight=skip_preflight, force_new=force_new,
+                            parallel=parallel)
+    if result.moved:
+        console.print(f"previous results moved to {result.moved}")
     counts: dict[str, int] = {}
-    for state in result["results"].values():
+    for state in result.results.values():
         counts[state] = counts.get(state, 0) + 1
     out.print(f"{p.spec.meta.name}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    if result.sequential is not None:
+        record = result.sequential
+        looks = record["looks"]
+        if looks:
+            last = looks[-1]
+            out.print(f"look {last['look']} ({len(last['seeds'])} seeds per arm): verdict "
+                      f"{last['verdict']}" + (f"; stopped: {record['stopped']['reason']}"
+                                              if record.get("stopped") else ""))
     out.print(f"results: {out_dir / STORE_FILE}   next: lmlab report {out_dir}")
     if any(counts.get(s) for s in (Status.INTERRUPTED, Status.FAILED, Status.PENDING)):
         raise typer.Exit(1)

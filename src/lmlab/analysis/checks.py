@@ -1,34 +1,29 @@
 """One check judged from per-seed values: supported, refuted or inconclusive, at a stated level.
 
-Each check compares one arm's per-seed values of a quantity (a per-run metric, or a statistic
-of a logged curve) with another arm's (or with a fixed value). The rules, and why:
+A check compares one arm's per-seed values of a quantity (a per-run metric, or a statistic of a
+logged curve) with another arm's, or with a fixed value. The rules, and why:
 
-* A directional check (``<``, ``<=``, ``>``, ``>=``) claims ``arm - than`` lies on one side of
-  ``margin``. Its test is two-sided against "the difference is ``margin``": when the p-value
-  reaches the check's level (the whole decision interval lies on one side of the margin), the
-  check is *supported* if that side is the claimed one and *refuted* if it is the other;
-  otherwise it is *inconclusive*. At a fixed design and one check the level is 5% and the
-  decision interval is the 95% interval; with several checks (Holm) or at an early look of an
-  until-settled experiment it is stricter (:class:`lmlab.analysis.sequential.Level`).
-* Seed-matched arms (seed s of both arms drew the same random numbers) are compared on the
-  per-seed differences with the paired t-test; otherwise with Welch's test. Which one applies
-  is decided from the design (:func:`lmlab.analysis.verdict.pairing`), never from the data.
-* ``equivalent`` claims ``|arm - than| < margin``: supported only when both one-sided tests of
-  TOST reject (the 1 - 2*level interval lies inside ±margin), refuted when the difference is
-  shown to lie beyond the margin. "No difference" is never read off a non-significant test.
-* ``==`` against a value, and any check of an event count against a value, is judged seed by
-  seed ("0 divergence events in every seed"): those are exact observations of each run, so one
-  seed is enough and no test is involved.
-* With fewer than two seeds (or seed pairs) there is no spread, so no interval and no test: the
-  check is inconclusive ("n too small for a test") unless it is one of the exact per-seed kind.
-  When there is no spread at all (peak CUDA memory, parameter counts), the difference is exact
-  and is judged as such.
-* Two arms that ran the same configuration (an A/A comparison) differ only by seed noise: a
-  directional check between them is never supported (nor refuted), however small the p-value.
+* Directional (``<``, ``<=``, ``>``, ``>=``): ``arm - than`` lies on one side of ``margin``.
+  Tested two-sided against "the difference is ``margin``": when p reaches the check's level
+  (the whole decision interval lies on one side of the margin) it is *supported* if that is the
+  claimed side and *refuted* if not; otherwise *inconclusive*. At a fixed design with one check
+  the level is 5% and the decision interval the 95% one; with several checks (Holm) or at an
+  early look it is stricter (:class:`lmlab.analysis.sequential.Level`).
+* Seed-matched arms (seed s of both drew the same random numbers) are compared on the per-seed
+  differences (paired t), others with Welch's test; which one is decided from the design
+  (:func:`lmlab.analysis.verdict.pairing`), never from the data.
+* ``equivalent``: ``|arm - than| < margin``, supported only when both one-sided tests of TOST
+  reject, refuted when the difference is shown beyond the margin. "No difference" is never read
+  off a non-significant test.
+* ``==`` against a value, and an event count against a value, are judged seed by seed ("0
+  divergence events in every seed"): exact observations, so one seed is enough and no test.
+* Fewer than two seeds (or seed pairs): no spread, no test, inconclusive ("n too small") unless
+  exact per seed. No spread at all (peak CUDA memory, parameter counts): the difference is exact.
+* Two arms of one configuration (A/A) differ only by seed noise: a directional check between
+  them is never supported nor refuted, however small the p-value.
 
-Every result carries the probability of improvement (rliable's P(a seed of the arm beats a seed
-of the reference)) and, when it is inconclusive, a power note: how many seeds per arm would
-settle it if the observed difference and spreads were the true ones.
+Results carry rliable's probability of improvement and, when inconclusive, a power note: the
+seeds per arm that would settle the check if the observed difference and spreads were true.
 """
 
 from __future__ import annotations
@@ -179,12 +174,6 @@ def evaluate_check(check: Check, arm_values: Values, ref_values: Values | None =
 # -- the cases -----------------------------------------------------------------------------------
 
 
-def describe_check(check: Check) -> str:
-    """A check as a reader needs it: its name (if any) and always the comparison itself."""
-    formula = check.model_copy(update={"name": None}).describe()
-    return f"{check.name} ({formula})" if check.name else formula
-
-
 def _pairs(values: Values) -> list[tuple[int, float]]:
     return [(int(v[0]), float(v[1])) if isinstance(v, tuple) else (i, float(v))
             for i, v in enumerate(values)]
@@ -217,7 +206,7 @@ class _Ctx:
         ref_mean = _mean(self.vb) if self.b is not None else float(c.value or 0.0)
         mean_a = _mean(self.va)
         fields: dict[str, object] = {
-            "description": describe_check(c), "metric": c.measure, "arm": c.arm, "op": c.op,
+            "description": c.label(), "metric": c.measure, "arm": c.arm, "op": c.op,
             "reference": c.than if c.than is not None else f"{c.value:g}", "margin": c.margin,
             "n_arm": len(self.a), "n_ref": None if self.b is None else len(self.b),
             "mean_arm": mean_a, "mean_ref": ref_mean, "diff": mean_a - ref_mean,

@@ -3,8 +3,10 @@ prediction about the shape of training ("the early gradient norm stays smaller",
 to reach a validation loss of 5.5", "no spikes before step 50") is a check like any other.
 
 The window is on the comparison axis (``tokens``, ``step`` or ``wall_s`` of every row, the
-x of every curve in the report), both ends included; percentages are of the run's own budget on
-that axis. Which runs have a value: a completed run always; a diverged run when it ran through
+x of every curve in the report); percentages are of the run's own budget on that axis. A window
+``[a, b]`` holds the rows logged after ``a`` up to ``b``: a row at step s is what step s did,
+so "the last 10%" of a 100-step run is steps 91-100 and ``steps: [0, 30]`` the first 30 steps
+(with the step-0 evaluation, when the window starts at 0). Which runs have a value: a completed run always; a diverged run when it ran through
 the whole window (its early gradient norms are measured, its "last 10%" is not); other runs
 never. A run that never reaches a ``first_below`` / ``first_above`` threshold has no value.
 """
@@ -35,8 +37,8 @@ def run_value(run: RunRecord, stat: CurveStat, x_key: str) -> float | None:
     lo, hi = stat.bounds(budget_on_axis(run, x_key))
     if stat.reduce == "count":
         return float(sum(1 for e in run.events
-                         if e["kind"] == stat.metric and lo <= e[x_key] <= hi))
-    rows = [r for r in run.curves.get(stat.metric, []) if lo <= getattr(r, x_key) <= hi]
+                         if e["kind"] == stat.metric and inside(e[x_key], lo, hi)))
+    rows = [r for r in run.curves.get(stat.metric, []) if inside(getattr(r, x_key), lo, hi)]
     if stat.reduce in ("first_below", "first_above"):
         assert stat.threshold is not None
         below = stat.reduce == "first_below"
@@ -49,6 +51,11 @@ def run_value(run: RunRecord, stat: CurveStat, x_key: str) -> float | None:
     reduce = {"mean": np.mean, "min": np.min, "max": np.max,
               "first": lambda v: v[0], "last": lambda v: v[-1]}[stat.reduce]
     return float(reduce(values))
+
+
+def inside(x: float, lo: float, hi: float) -> bool:
+    """Whether a row at ``x`` belongs to the window (lo, hi] (and [0, hi] from the start)."""
+    return (lo < x or x == lo == 0) and x <= hi
 
 
 def covers(run: RunRecord, stat: CurveStat, x_key: str) -> bool:

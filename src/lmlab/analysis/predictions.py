@@ -43,6 +43,7 @@ class PredictedInstability:
     arms: tuple[str, ...]  # the arms the clause is about
     expect: Expect
     seen: dict[str, int]  # every arm -> its events of this kind, summed over seeds
+    versus: tuple[str, ...] = ()  # "more than" these arms (default: every other arm)
 
     @property
     def seen_in(self) -> tuple[str, ...]:
@@ -52,7 +53,8 @@ class PredictedInstability:
     def agrees(self) -> bool | None:
         """Whether the runs did what the clause said (None: a hedged "possibly")."""
         mine = [self.seen[a] for a in self.arms]
-        others = [n for a, n in self.seen.items() if a not in self.arms]
+        others = [n for a, n in self.seen.items()
+                  if a not in self.arms and (not self.versus or a in self.versus)]
         if self.expect == "present":
             return all(mine)
         if self.expect == "absent":
@@ -73,11 +75,20 @@ def _arm_pattern(arm: str) -> re.Pattern[str]:
     return re.compile(r"(?<![\w-])" + r"[_\-\s]?".join(words) + r"(?![\w-])", re.IGNORECASE)
 
 
-def read_clause(clause: str, arms: list[str]) -> tuple[str, tuple[str, ...], Expect] | None:
+def read_clause(clause: str, arms: list[str]
+                ) -> tuple[str, tuple[str, ...], Expect, tuple[str, ...]] | None:
+    """(kind, the arms it is about, what it expects of them, the arms they are compared with
+    in "more ... than ...")."""
     low = clause.lower()
     kind = next((k for k, pattern in _KIND_WORDS if re.search(pattern, low)), None)
     if kind is None:
         return None
+    head, _, tail = clause.partition(" than ")
+    if tail and _MORE.search(head.lower()) and not _NEGATION.search(head.lower()):
+        subject = tuple(a for a in arms if _arm_pattern(a).search(head))
+        versus = tuple(a for a in arms if _arm_pattern(a).search(tail) and a not in subject)
+        if subject:
+            return kind, subject, "more", versus
     named = tuple(a for a in arms if _arm_pattern(a).search(clause))
     if _ALL_ARMS.search(low) or not named:
         if not _ALL_ARMS.search(low) and len(arms) > 1:
@@ -90,7 +101,7 @@ def read_clause(clause: str, arms: list[str]) -> tuple[str, tuple[str, ...], Exp
     expect: Expect = ("possible" if _HEDGE.search(rest) else
                       "absent" if _NEGATION.search(rest) else
                       "more" if _MORE.search(rest) and len(named) < len(arms) else "present")
-    return kind, named, expect
+    return kind, named, expect, ()
 
 
 def predicted_instability(exp: Experiment) -> list[PredictedInstability]:
@@ -105,7 +116,9 @@ def predicted_instability(exp: Experiment) -> list[PredictedInstability]:
             read = read_clause(clause, exp.arms)
             if read is None:
                 continue
-            kind, named, expect = read
+            kind, named, expect, versus = read
             seen = {arm: sum(c.get(k, 0) for k in KINDS[kind]) for arm, c in counts.items()}
-            out.append(PredictedInstability(clause, kind, named, expect, seen))
+            found = PredictedInstability(clause, kind, named, expect, seen, versus)
+            if found not in out:  # the prediction and an expected outcome may say it twice
+                out.append(found)
     return out

@@ -161,19 +161,20 @@ def paired(a: Sequence[tuple[int, float]], b: Sequence[tuple[int, float]],
     have."""
     other = dict(b)
     pairs = tuple((s, float(x), float(other[s])) for s, x in sorted(a) if s in other)
-    d = np.array([x - y for _, x, y in pairs], dtype=float)
-    n = int(d.size)
-    with np.errstate(invalid="ignore"):
-        diff = float(d.mean()) if n else math.nan
+    # Plain Python: a handful of seeds, computed thousands of times by the calibration tests.
+    d = [x - y for _, x, y in pairs]
+    n = len(d)
+    finite = all(math.isfinite(x) for x in d)
+    diff = sum(d) / n if n and finite else (math.nan if not n else float(np.mean(d)))
 
     def untestable(reason: str, sd: float | None = None) -> Paired:
         return Paired(diff, None, None, None, None, None, n, sd, pairs, False, reason)
 
     if n < 2:
         return untestable(f"needs at least 2 seeds that both arms ran (have {n})")
-    if not np.isfinite(d).all():
+    if not finite:
         return untestable("non-finite values (a diverged run?)")
-    sd = float(d.std(ddof=1))
+    sd = math.sqrt(sum((x - diff) ** 2 for x in d) / (n - 1))
     if sd == 0.0:
         # Every seed differs by the same amount: the difference is exact, with no noise left.
         return untestable("no spread in the per-seed differences", sd)

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from lmlab.analysis.checks import CheckResult, Outcome, describe_check, evaluate_check, is_test
+from lmlab.analysis.checks import CheckResult, Outcome, evaluate_check, is_test
 from lmlab.analysis.curvestats import arm_values as curve_values
 from lmlab.analysis.sequential import SPENDING, Design, Level
 from lmlab.analysis.stats import holm
@@ -147,10 +147,12 @@ def judge(claims: Sequence[Claim | Check], values: ValuesFn,
           is_same_config: Callable[[str, str], bool],
           pairing_of: Callable[[str, str], Pairing] | None = None, *, alpha: float = 0.05,
           design: Design | None = None, looks: int | None = None,
-          prose: Sequence[ExpectedOutcome] = ()) -> HypothesisVerdict:
+          prose: Sequence[ExpectedOutcome] = (), notes: bool = True) -> HypothesisVerdict:
     """Judge every claim. ``values(arm, check)`` gives the included ``(seed, value)`` per run
     (None for an arm the experiment does not have); ``is_same_config(a, b)`` detects A/A pairs;
-    ``pairing_of(a, b)`` says whether two arms are compared seed by seed."""
+    ``pairing_of(a, b)`` says whether two arms are compared seed by seed. ``notes``: attach
+    power notes and probabilities of improvement to the final results (the verdicts do not
+    depend on them; the calibration simulations leave them out)."""
     items = [c if isinstance(c, Claim) else Claim(c) for c in claims]
     pairing_of = pairing_of or (lambda a, b: Pairing(False, "unpaired"))
     seeds_of = [None] if design is None else [design.seeds_through(k)
@@ -174,7 +176,7 @@ def judge(claims: Sequence[Claim | Check], values: ValuesFn,
             share = alpha / max(1, m - len(decided))
             crossed = None
             for i in open_:
-                level = _level(design, share, info[i], k)
+                level = _level(design, share, info[i], k, inputs[i])
                 r = _evaluate(items[i].check, inputs[i], alpha, level, False)
                 last[i] = (r, {**inputs[i], "level": level})
                 if r.settled and crossed is None:
@@ -189,7 +191,7 @@ def judge(claims: Sequence[Claim | Check], values: ValuesFn,
     results = []
     for i, c in enumerate(items):
         r, used = decided.get(i) or last[i]
-        full = _evaluate(c.check, used, alpha, used.get("level", Level(alpha)), True)
+        full = _evaluate(c.check, used, alpha, used.get("level", Level(alpha)), notes)
         full = replace(full, look=r.look if design else None,
                        pairing_reason=used.get("pairing_reason"),
                        level_note=_level_note(full, used.get("level"), m, alpha, design))
@@ -252,7 +254,7 @@ def _evaluate(check: Check, inputs: dict[str, Any], alpha: float, level: Level,
 
 def _no_arm(check: Check, names: str) -> CheckResult:
     nan = math.nan
-    return CheckResult(description=describe_check(check), metric=check.measure, arm=check.arm,
+    return CheckResult(description=check.label(), metric=check.measure, arm=check.arm,
                 op=check.op, reference=check.than or f"{check.value:g}", margin=check.margin,
                 verdict="inconclusive", reason=f"no arm named {names} in this experiment",
                 test="no data", n_arm=0, n_ref=None, mean_arm=nan, mean_ref=nan, diff=nan,
@@ -273,11 +275,13 @@ def _effective_n(inputs: dict[str, Any]) -> float:
     return 0.0 if not a or not b else 2.0 * len(a) * len(b) / (len(a) + len(b))
 
 
-def _level(design: Design | None, share: float, n_by_look: list[float], look: int) -> Level:
+def _level(design: Design | None, share: float, n_by_look: list[float], look: int,
+           inputs: dict[str, Any]) -> Level:
     if design is None:
         return Level(share)
     fractions = tuple(design.fraction(n, j) for j, n in enumerate(n_by_look, 1))
-    return Level(share, fractions)
+    kind = "welch" if inputs.get("b") is not None and not inputs.get("paired") else "paired"
+    return Level(share, fractions, design.sizes, kind)
 
 
 def _level_note(r: CheckResult, level: Level | None, m: int, alpha: float,

@@ -385,8 +385,9 @@ def _check_window(spec: Spec, doc: YamlDoc, plan: Plan, where: str, check: Check
         e = spec.evaluation
         every = {"tokens": e.every_tokens, "steps": e.every_steps, "seconds": e.every_seconds}[axis]
         if every:
-            # Evaluations happen at 0, at every multiple of the cadence, and at the end.
-            first = math.ceil(lo / every - 1e-9) * every
+            # Evaluations happen at 0, at every multiple of the cadence, and at the end; a
+            # window (lo, hi] holds the first multiple after lo.
+            first = (math.floor(lo / every + 1e-9) + 1) * every
             if not (lo <= 0 or first <= hi or hi >= total):
                 raise doc.error(field, f"the window [{lo:,g}, {hi:,g}] holds no evaluation of "
                                 f"{curve.metric} (every {every:,g} {axis}): widen it")

@@ -9,7 +9,7 @@ import math
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lmlab.config import (
     LEGACY_CADENCE_KEYS,
@@ -72,6 +72,15 @@ class CurveStat(_Section):
     steps: tuple[Bound, Bound] | None = None
     seconds: tuple[Bound, Bound] | None = None
 
+    @field_validator(*WINDOW_UNITS)
+    @classmethod
+    def _bounds(cls, window: tuple[Bound, Bound] | None) -> tuple[Bound, Bound] | None:
+        for bound in window or ():
+            if isinstance(bound, str) and not re.fullmatch(r"\d+(\.\d+)?\s*%", bound.strip()):
+                raise ValueError(f"a window bound is a number or a percentage of the budget "
+                                 f"such as '90%', not {bound!r}")
+        return window
+
     @model_validator(mode="after")
     def _consistent(self) -> CurveStat:
         windows = [u for u in WINDOW_UNITS if getattr(self, u) is not None]
@@ -88,10 +97,6 @@ class CurveStat(_Section):
                              f"{', '.join(LOGGED_CURVES)}, val_*/test_* of "
                              f"{', '.join(EVAL_KEYS)}, or a diagnostic such as grad_norm/block.0) "
                              f"or an event ({', '.join(CURVE_EVENTS)})")
-        for bound in self.window or ():
-            if isinstance(bound, str) and not re.fullmatch(r"\d+(\.\d+)?\s*%", bound.strip()):
-                raise ValueError(f"a window bound is a number or a percentage of the budget "
-                                 f"such as '90%', not {bound!r}")
         reaching = self.reduce in ("first_below", "first_above")
         if reaching != (self.threshold is not None):
             raise ValueError(f"{self.reduce} needs a threshold" if reaching else
@@ -179,8 +184,14 @@ class Check(_Section):
         return self.metric in EVENT_METRICS if self.curve is None else self.curve.reduce == "count"
 
     def describe(self) -> str:
-        if self.name:
-            return self.name
+        return self.name or self.formula()
+
+    def label(self) -> str:
+        """As a reader needs it: its name (if any) and always the comparison itself."""
+        return f"{self.name} ({self.formula()})" if self.name else self.formula()
+
+    def formula(self) -> str:
+        """The comparison itself, whatever the check is named."""
         ref = f"{self.than}" if self.than else f"{self.value:g}"
         if self.op == "equivalent":
             return f"{self.measure}: {self.arm} within ±{self.margin:g} of {ref}"
