@@ -166,7 +166,7 @@ def test_phase1_needs_a_supported_verdict_and_every_run_finished() -> None:
     assert p.ready and p.diverged == ("b-s0",) and p.failed == ()
     blocked = experiment([*finals("a", [5.0]), record("b", 0, status="failed"),
                           record("b", 1, status="pending")], preflight={"passed": False})
-    p = f.phase1(blocked, supported, {"a": f.UnderTrained(0.1, None)})
+    p = f.phase1(blocked, supported, {"a": f.Progress(0.1, None)})
     assert not p.ready and p.preflight_failed
     assert p.failed == ("b-s0",) and p.unfinished == ("b-s1",) and p.under_trained == ("a",)
 

@@ -5,6 +5,7 @@ the design cannot change once the first look has been taken."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,15 +15,23 @@ import time
 import pytest
 
 from lmlab import driver
+from lmlab.analysis.summary import load_experiment
 from lmlab.errors import UserError
 from lmlab.names import RESULT_SEQUENTIAL
-from lmlab.report import write_report
+from lmlab.report.inputs import gather
+from lmlab.report.render import render_markdown
+from lmlab.report.sections import context
 from lmlab.spec.expand import load_plan
 from lmlab.store import Store
 from test_report import md_table
 from test_spec import base_spec, write
 
 STEPS = 16
+
+
+def report_md(out) -> str:
+    """The report's Markdown without its figures (drawn and checked in test_report)."""
+    return render_markdown(context(gather(load_experiment(out))), out)
 
 
 def tiny(articles_data: dict) -> dict:
@@ -57,7 +66,7 @@ def test_a_clear_effect_stops_before_the_cap(tmp_path, articles_data):
         seeds = {r["seed"] for r in store.runs()}
     assert seeds == set(range(stopped + 1))  # no round beyond the one that settled it
 
-    md = write_report(out).markdown.read_text(encoding="utf-8")
+    md = report_md(out)
     section9 = md.split("## 9. Interpretation")[1].split("## 10.")[0]
     win = md_table(section9, "Check")[0]
     assert win["Verdict"] == "SUPPORTED" and win["Analysis"].startswith("paired (")
@@ -133,7 +142,7 @@ def test_an_a_a_pair_reaches_the_cap_inconclusive_and_resumes_mid_round(tmp_path
     assert "cap of 2 seeds per arm was reached" in record["stopped"]["reason"]
     assert record["looks"][-1]["verdict"] == "inconclusive"
 
-    md = write_report(out).markdown.read_text(encoding="utf-8")
+    md = report_md(out)
     check = md_table(md, "Check")[0]
     assert check["Verdict"] == "INCONCLUSIVE" and "A/A" in check["Why"]
     assert check["Analysis"] == "Welch (unpaired)"  # per-arm streams share no random numbers
@@ -147,8 +156,6 @@ def test_the_plan_lists_the_rounds_and_their_boundaries(tmp_path, articles_data)
                            "--no-estimate", "--until-settled", "--max-seeds", "5"],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    import json
-
     record = json.loads(done.stdout)
     rounds = record["rounds"]
     assert [r["seeds"] for r in rounds] == [[0, 1], [2, 3], [4]]

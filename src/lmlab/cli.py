@@ -206,8 +206,9 @@ def _print_rounds(rounds: list[dict], design) -> None:
                       f"{r['boundary_p']:.3g}")
     out.print(table)
     worst = rounds[-1]["cumulative_s"]
-    out.print("it stops at the first look where every check is settled; worst case (every round)"
-              + (f": {seconds(worst)} in sequence on this machine" if worst is not None else ""))
+    out.print("it stops at the first look where every check is settled; worst case (every round): "
+              + (f"{seconds(worst)} in sequence on this machine" if worst is not None else
+                 "timed without --no-estimate"))
 
 
 @app.command()

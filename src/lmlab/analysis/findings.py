@@ -26,7 +26,6 @@ from typing import Any
 from lmlab.analysis.predictions import PredictedInstability, predicted_instability
 from lmlab.analysis.progress import (
     Progress,
-    UnderTrained,
     WorseAtEnd,
     progress,
     under_trained,
@@ -62,7 +61,7 @@ from lmlab.names import (
 NOISY_THROUGHPUT = 0.15
 # Re-exported: the report and the tests read every judgement from here.
 __all__ = ["DisagreeingSeeds", "Efficiency", "PredictedInstability", "Progress", "Quickest",
-           "Reach", "RunnerUp", "UnderTrained", "WorseAtEnd", "best_arm", "disagreeing_seeds",
+           "Reach", "RunnerUp", "WorseAtEnd", "best_arm", "disagreeing_seeds",
            "efficiency", "runner_up", "separated", "tied_with_best", "under_trained"]
 # What counts as the training going wrong, per arm (section 9's "Any instability?").
 UNSTABLE_EVENTS = (*INSTABILITY_EVENTS, Event.OOM)
@@ -333,15 +332,14 @@ def find(exp: Experiment, arms: Mapping[str, ArmSummary], verdict: HypothesisVer
          primary: str) -> Findings:
     alpha = exp.spec.analysis.alpha if exp.spec else 0.05
     best = best_arm(arms, primary)
-    every = progress(arms)
-    under = {arm: p for arm, p in every.items() if p.under_trained}
+    under = under_trained(arms)
     return Findings(
         best=best,
         runner_up=runner_up(arms, best, primary, exp, alpha) if best is not None else None,
         tied=tied_with_best(arms, best, primary, exp, alpha) if best is not None else [],
         disagreeing=disagreeing_seeds(arms, primary),
         under_trained=under,
-        progress=every,
+        progress=progress(arms),
         worse_at_end=worse_at_end(arms),
         spikes=spikes(exp),
         instability=instability(arms),

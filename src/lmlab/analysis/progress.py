@@ -50,10 +50,6 @@ class Progress:
         return self.state == "improving"
 
 
-# The name the report's earlier versions used for an improving arm.
-UnderTrained = Progress
-
-
 @dataclass(frozen=True)
 class WorseAtEnd:
     """A completed run whose last (comparable) evaluation was worse than the one before it."""

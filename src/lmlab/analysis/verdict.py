@@ -48,7 +48,7 @@ class Claim:
 
     check: Check
     source: Literal["hypothesis", "expected"] = "hypothesis"
-    outcome: str | None = None  # an expected outcome's text
+    outcome: int | None = None  # an expected outcome's index in section 7
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ def claims_of(exp: Experiment) -> list[Claim]:
     if exp.spec is None:
         return []
     out = [Claim(c) for c in exp.spec.hypothesis.checks]
-    out += [Claim(o.check, "expected", o.outcome) for o in exp.spec.outcomes if o.check]
+    out += [Claim(o.check, "expected", i) for i, o in enumerate(exp.spec.outcomes) if o.check]
     return out
 
 
@@ -140,7 +140,7 @@ def judge_experiment(exp: Experiment, arms: Mapping[str, ArmSummary],
     return judge(claims, values, lambda x, y: same_config(exp, x, y),
                  lambda x, y: pairing(exp, x, y), alpha=alpha, design=design,
                  looks=max(1, min(looks or 1, len(design.rounds))) if design else None,
-                 prose=[o for o in spec.outcomes] if spec else [])
+                 prose=spec.outcomes if spec else [])
 
 
 def judge(claims: Sequence[Claim | Check], values: ValuesFn,
@@ -202,10 +202,11 @@ def judge(claims: Sequence[Claim | Check], values: ValuesFn,
             results[i] = replace(results[i], p_adjusted=p)
 
     hyp = [r for r, c in zip(results, items, strict=True) if c.source == "hypothesis"]
-    by_text = {c.outcome: r for r, c in zip(results, items, strict=True) if c.source == "expected"}
+    answered = {c.outcome: r for r, c in zip(results, items, strict=True)
+                if c.source == "expected"}
     outcome, reason = overall_verdict(hyp)
     return HypothesisVerdict(outcome, reason, hyp,
-                             [(o, by_text.get(o.outcome) if o.check else None) for o in prose],
+                             [(o, answered.get(i)) for i, o in enumerate(prose)],
                              alpha, m, design, tuple(history))
 
 

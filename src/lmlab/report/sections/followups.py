@@ -58,10 +58,18 @@ def _sweep(inputs: ReportInputs) -> list[str]:
     f = inputs.findings
     out = []
     for e in f.edge_of_range:
-        out.append(f"The best {e.variable} ({fmt_value(e.value)}) is the "
-                   f"{'largest' if e.upward else 'smallest'} value tried "
-                   f"({fmt_value(e.low)} to {fmt_value(e.high)}): extend the sweep "
-                   f"{'upward' if e.upward else 'downward'} (e.g. {e.next_value:g}).")
+        edge = (f"The best {e.variable} ({fmt_value(e.value)}) is the "
+                f"{'largest' if e.upward else 'smallest'} value tried "
+                f"({fmt_value(e.low)} to {fmt_value(e.high)})")
+        rivals = sorted({fmt_value(v) for t in f.tied
+                         if (v := inputs.exp.arm_values(t.arm).get(e.variable)) != e.value})
+        if rivals:  # the best mean is at an edge, but within noise of other values
+            out.append(f"{edge} by its mean only: it ties within noise with {e.variable} = "
+                       f"{', '.join(rivals)}, so the sweep points nowhere yet; settle the "
+                       "ranking before widening the range.")
+        else:
+            out.append(f"{edge}: extend the sweep {'upward' if e.upward else 'downward'} "
+                       f"(e.g. {e.next_value:g}).")
     for arm, a in inputs.arms.items():
         if n := a.status_counts.get(Status.DIVERGED):
             lr = inputs.exp.arm_values(arm).get("optimizer.lr", inputs.flat.get("optimizer.lr"))

@@ -158,12 +158,14 @@ def _progress_line(arm: str, p: Progress) -> str:
     if p.state == "worsening":
         return (f"{arm} got worse at the end: validation loss rose by {fixed(-p.drop, 4)} {over},"
                 f" more than {noise}; stalled or over-fitting at this budget.")
-    return (f"{arm} had flattened by the end: validation loss changed by {fixed(-p.drop, 4)} "
-            f"{over}, within {noise}; not under-trained at the precision these seeds give.")
+    return (f"{arm} had flattened by the end: validation loss "
+            f"{'fell' if p.drop >= 0 else 'rose'} by only {fixed(abs(p.drop), 4)} {over}, "
+            f"within {noise}; not under-trained at the precision these seeds give.")
 
 
 def _worse_line(w: WorseAtEnd) -> str:
-    which = "last two capped evaluations" if w.capped else "last evaluation"
+    which = ("last periodic evaluation (capped, like the one before it; the final full-split "
+             "one measures different text)" if w.capped else "last evaluation")
     noise = ("one seed in its arm: no spread to judge the rise by" if w.beyond_noise is None
              else f"{'more than' if w.beyond_noise else 'within'} the seed spread of its arm "
                   f"({fixed(w.spread, 4)})")
