@@ -261,9 +261,13 @@ def paired_seeds_needed(diff: float, sd_diff: float | None, alpha: float = 0.05,
 
 
 def t_power(ncp: float, df: float, alpha: float) -> float:
-    """Power of a two-sided t-test at level ``alpha`` with noncentrality ``ncp``."""
-    crit = st.t.ppf(1 - alpha / 2, df)
-    return float(st.nct.sf(crit, df, ncp) + st.nct.cdf(-crit, df, ncp))
+    """Power of a two-sided t-test at level ``alpha`` with noncentrality ``ncp`` (>= 0)."""
+    crit = _t_quantile(1 - alpha / 2, df)
+    upper = 1.0 - float(special.nctdtr(df, ncp, crit))
+    # The far tail: scipy returns NaN for it at few degrees of freedom and a large ncp, where
+    # it is below 1e-10 (it is at most the central tail, alpha / 2, at ncp = 0).
+    lower = float(special.nctdtr(df, ncp, -crit))
+    return upper + (lower if math.isfinite(lower) else 0.0)
 
 
 def _smallest_n(achieved: Callable[[int], float], power: float, max_n: int) -> int | None:
