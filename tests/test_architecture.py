@@ -1,6 +1,7 @@
 """The data flow of ARCHITECTURE.md, checked on the source: every module imports only from the
 packages its box may read. spec -> execute -> train -> store -> analysis -> report: nothing that
-runs or records training imports analysis or report, and analysis never imports what trains."""
+runs or records training imports analysis or report, and analysis never imports what trains.
+The driver (rounds of runs judged between them) is the one place execute and analysis meet."""
 
 from __future__ import annotations
 
@@ -23,8 +24,12 @@ ALLOWED: dict[str, set[str]] = {
     "report": {"spec", "store", "analysis"},
     "export": {"store", "analysis"},
     "serve": {"store", "analysis", "report"},
+    # Runs an experiment's rounds (and later tuning phases) through execute, judging with
+    # analysis between them: the one box that may join the two, since execute must never read
+    # analysis. Only the command line drives it.
+    "driver": {"spec", "store", "execute", "analysis"},
     "cli": {"spec", "data", "model", "optim", "store", "train", "execute", "analysis", "report",
-            "export", "serve"},
+            "export", "serve", "driver"},
 }
 
 
@@ -59,6 +64,12 @@ def test_every_import_follows_the_data_flow() -> None:
             if _box(imported) not in allowed:
                 wrong.append(f"{module} imports {imported}")
     assert not wrong, "\n".join(wrong)
+
+
+def test_only_the_command_line_drives_experiments() -> None:
+    users = sorted(str(p.relative_to(SRC)) for p in SRC.rglob("*.py")
+                   if any(_box(m) == "driver" for m in _imports(p)))
+    assert users == ["cli.py"], users
 
 
 def test_no_module_is_too_long_to_read_in_one_sitting() -> None:

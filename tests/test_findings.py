@@ -17,6 +17,7 @@ from lmlab.analysis.stats import welch
 from lmlab.analysis.summary import Experiment, summarize_arms
 from lmlab.analysis.verdict import HypothesisVerdict
 from lmlab.names import RUN_METRICS
+from lmlab.spec.schema import Spec
 from lmlab.store import MetricRow
 
 
@@ -165,7 +166,7 @@ def test_phase1_needs_a_supported_verdict_and_every_run_finished() -> None:
     assert p.ready and p.diverged == ("b-s0",) and p.failed == ()
     blocked = experiment([*finals("a", [5.0]), record("b", 0, status="failed"),
                           record("b", 1, status="pending")], preflight={"passed": False})
-    p = f.phase1(blocked, supported, {"a": f.UnderTrained(0.1, None)})
+    p = f.phase1(blocked, supported, {"a": f.Progress(0.1, None)})
     assert not p.ready and p.preflight_failed
     assert p.failed == ("b-s0",) and p.unfinished == ("b-s1",) and p.under_trained == ("a",)
 
@@ -178,3 +179,51 @@ def test_memory_kind_from_the_runs_or_their_provenance() -> None:
     old = record("c", 0)
     old.provenance = {"gpu_count": 1, "device": "cuda:0"}
     assert f.memory_kind(experiment([old])) == "cuda_allocated"
+
+
+def test_progress_is_judged_against_seed_noise_and_stated_either_way() -> None:
+    improving = [record("up", i, val=[9.0, 6.0, 5.5, 5.0 + 0.01 * i], final_val_loss=5.0 + 0.01 * i)
+                 for i in range(2)]
+    flat = [record("flat", i, val=[9.0, 5.0, 5.0, 5.0 + 0.1 * i], final_val_loss=5.0 + 0.1 * i)
+            for i in range(2)]
+    worse = [record("worse", i, val=[9.0, 5.0, 5.2, 5.5 + 0.01 * i], final_val_loss=5.5 + 0.01 * i)
+             for i in range(2)]
+    found = f.progress(summarize_arms(experiment(improving + flat + worse)))
+    assert {arm: p.state for arm, p in found.items()} == \
+        {"up": "improving", "flat": "flat", "worse": "worsening"}
+    assert found["flat"].yardstick == pytest.approx(0.1 * math.sqrt(0.5))
+    assert f.under_trained(summarize_arms(experiment(improving + flat))).keys() == {"up"}
+
+
+def test_a_run_worse_at_its_last_evaluation_is_flagged_like_for_like() -> None:
+    runs = [record("a", 0, val=[9.0, 6.0, 5.0, 5.3], final_val_loss=5.3),
+            record("a", 1, val=[9.0, 6.0, 5.0, 4.9], final_val_loss=4.9)]
+    flagged = f.worse_at_end(summarize_arms(experiment(runs)))
+    assert [(w.run_id, w.before.loss, w.last.loss) for w in flagged] == [("a-s0", 5.0, 5.3)]
+    assert flagged[0].rise == pytest.approx(0.3) and flagged[0].beyond_noise is True
+    # Capped periodic evaluations and a full final one measure different text: the rise from
+    # the last capped one to the final one is not compared; the capped ones are.
+    capped = [record("a", 0, val=[9.0, 6.0, 5.0, 5.3, 4.0], final_val_loss=4.0)]
+    capped[0].config = {"evaluation": {"max_batches": 4}}
+    flagged = f.worse_at_end(summarize_arms(experiment(capped)))
+    assert [(w.before.loss, w.last.loss, w.capped) for w in flagged] == [(5.0, 5.3, True)]
+
+
+def test_a_prediction_about_instability_is_read_and_held_against_the_runs() -> None:
+    runs = [*finals("warmup", [5.0]), *finals("no_warmup", [5.1])]
+    runs[0].events = [{"kind": "spike", "step": 3, "tokens": 30, "wall_s": 0.3, "detail": {}}]
+    exp = experiment(runs)
+    exp.spec = Spec.model_validate({
+        "meta": {"name": "x", "category": "recipe"}, "objective": "o",
+        "hypothesis": {"mechanism": "m", "falsification": "f",
+                       "prediction": "Warmup ends lower; neither arm diverges, but the "
+                                     "no-warmup arm shows more loss spikes."},
+        "independent": {"variables": ["schedule.warmup_steps"],
+                        "arms": {"warmup": {}, "no_warmup": {}}},
+        "budget": {"steps": 10}, "comparison_axis": "equal_steps",
+        "expected_outcomes": ["no_warmup: possibly loss spikes"]})
+    read = {(p.kind, p.arms, p.expect): p for p in f.predicted_instability(exp)}
+    assert read[("divergence", ("warmup", "no_warmup"), "absent")].agrees is True
+    spikes = read[("spike", ("no_warmup",), "more")]
+    assert spikes.agrees is False and spikes.seen_in == ("warmup",)
+    assert read[("spike", ("no_warmup",), "possible")].agrees is None

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from lmlab.analysis.curves import arm_curves
-from lmlab.analysis.stats import summarize
+from lmlab.analysis.stats import paired, summarize
 from lmlab.analysis.summary import load_experiment, summarize_arms
 from lmlab.config import RunConfig
 from lmlab.report import compare, write_report
@@ -60,7 +60,10 @@ def build_experiment(directory: Path, arms: Sequence[Arm], *, checks: Sequence[M
                      objective: str = "Does a larger learning rate reach a lower loss?",
                      preflight: bool | str = True, addendum: bool = False,
                      is_wikitext2: bool = True, corpus: str = "wikitext-2-raw-v1",
-                     vocab: int = 8192, store_spec: bool = True) -> Path:
+                     vocab: int = 8192, store_spec: bool = True,
+                     prediction: str = "The high-lr arm ends with a lower validation loss.",
+                     expected: Sequence[object] = ("high lr converges faster",
+                                                   "low lr is under-trained")) -> Path:
     n_seeds = len(arms[0].finals)
     seeds = list(range(n_seeds))
     variables = sorted({k for a in arms for k in a.values})
@@ -70,14 +73,14 @@ def build_experiment(directory: Path, arms: Sequence[Arm], *, checks: Sequence[M
         "meta": {"name": name, "category": category, "seeds": seeds},
         "objective": objective,
         "hypothesis": {"mechanism": "Larger steps escape the plateau sooner.",
-                       "prediction": "The high-lr arm ends with a lower validation loss.",
+                       "prediction": prediction,
                        "falsification": "The high-lr arm is no better, or diverges.",
                        "checks": list(checks)},
         "controlled": {"train": {"batch_size": batch, "seq_len": seq_len}},
         "independent": {"variables": variables, "arms": {a.name: a.values for a in arms}},
         "budget": {"tokens": steps * tokens_per_step, "max_memory_mb": 4096},
         "comparison_axis": axis,
-        "expected_outcomes": ["high lr converges faster", "low lr is under-trained"],
+        "expected_outcomes": list(expected),
         "systems_addendum": addendum,
     }
     spec = Spec.model_validate(spec_doc)
@@ -392,12 +395,24 @@ def test_clear_win_is_supported_with_its_interval(full_report: tuple[Path, Any])
     assert m, win
     diff, lo, hi = map(float, m.groups())
     assert diff == pytest.approx(4.80 - 5.11, abs=1e-3) and lo < diff < hi < 0
-    assert "Welch t-test" in win["Test"] and "p = " in win["Test"]
+    # Every arm ran seeds 0-2 under the default (shared) seed policy: analysed seed by seed.
+    assert "paired t-test (3 seed pairs" in win["Test"] and "p = " in win["Test"]
+    assert win["Analysis"] == "paired (3 seed pairs)"
+    ref = paired(list(enumerate([4.80, 4.81, 4.79])), list(enumerate([5.10, 5.12, 5.11])))
+    assert (lo, hi) == (pytest.approx(ref.ci_low, abs=1e-3), pytest.approx(ref.ci_high, abs=1e-3))
+    # The per-seed differences are shown, seed by seed.
+    diffs = [r for r in md_table(md, "Check | Seed") if r["Check"] == win["Check"]]
+    assert [r["Seed"] for r in diffs] == ["0", "1", "2", "mean (sd)"]
+    assert float(diffs[0]["Difference"]) == pytest.approx(4.80 - 5.10, abs=1e-3)
     # 0 divergences in every seed of lr3e-3: an exact per-seed check.
     div = next(r for r in checks if r["Check"].startswith("divergence_events"))
     assert div["Verdict"] == "SUPPORTED" and "per-seed" in div["Test"]
     assert "Hypothesis verdict: **SUPPORTED**" in md
-    assert "- **Selected LR:** optimizer.lr = 0.003" in md
+    # lr3e-3 beats lr1e-3, but lr1e-2 (4.95 and 5.00 over its two completed seeds) is not
+    # separated from it: the decision names no lr, and says why.
+    assert "- **Selected LR:** none shown (provisional): optimizer.lr = 0.003 has the best mean " \
+           "but ties within noise with optimizer.lr = 0.01 (lr1e-2" in md
+    assert "NOT separated: a tie within noise" in md
     assert "n/a (not varied" in md  # batch size, optimizer, architecture were not varied
 
 
@@ -624,8 +639,11 @@ def test_grid_interaction_edge_of_range_and_failures(tmp_path: Path) -> None:
     build_experiment(tmp_path, grid, checks=[
         {"metric": "final_val_loss", "arm": "lr3e-3-b8", "op": "<", "than": "lr1e-3-b8"}])
     md = write_report(tmp_path).markdown.read_text(encoding="utf-8")
-    assert ("Yes: the best optimizer.lr depends on train.batch_size (0.001 at train.batch_size = "
-            "8; 0.003 at train.batch_size = 16)") in md
+    # The best mean lr differs between batch sizes, but at batch 8 the two lrs tie (5.007 vs
+    # 5.013 over seeds 0-2): no interaction beyond noise.
+    assert ("Not shown: the best mean optimizer.lr differs across train.batch_size (0.001 at "
+            "train.batch_size = 8; 0.003 at train.batch_size = 16), but at train.batch_size = 8 "
+            "the values tie within seed noise") in md
     assert "The best optimizer.lr (0.003) is the largest value tried (0.001 to 0.003): extend " \
            "the sweep upward (e.g. 0.009)" in md
     assert "lr3e-3-b16-s2 failed: RuntimeError: CUDA error: boom" in md
@@ -635,13 +653,20 @@ def test_grid_interaction_edge_of_range_and_failures(tmp_path: Path) -> None:
     check = md_table(md, "Check")[0]
     assert check["Verdict"] == "INCONCLUSIVE" and "Power: " in check["Why"]
     follow = md.split("## 11. Follow-up Questions")[1]
-    assert re.search(r"inconclusive — run \d+ seeds per arm", follow)
+    assert re.search(r"inconclusive — [^\n]*about \d+ seeds per arm would", follow)
+    assert not re.search(r"run \d+ seeds per arm \(about", follow)
+    # The difference points against the prediction and is tiny: hundreds of seeds would be
+    # needed, which the follow-up says instead of suggesting the run.
+    assert re.search(r"would take up to \d{3,} seeds per arm: an effect that small", follow)
     assert "Requires refinement: the verdict is inconclusive" in follow
     assert "1 runs failed or went over budget" in follow
     decision = md.split("## 10. Decision")[1].split("## 11.")[0]
     assert "**(provisional)**" in decision
     assert "- **Selected LR:** optimizer.lr = 0.003" in decision
-    assert "- **Selected batch size:** train.batch_size = 16" in decision
+    # Batch 16 has the best mean at lr 3e-3 (4.70, 4.72; its seed 2 crashed) but two seed pairs
+    # against batch 8 do not separate them: no batch size is selected.
+    assert "- **Selected batch size:** none shown (provisional): train.batch_size = 16 has the " \
+           "best mean but ties within noise with train.batch_size = 8 (lr3e-3-b8" in decision
 
 
 def test_curves_aggregate_seeds_point_by_point(full_report: tuple[Path, Any]) -> None:
@@ -770,3 +795,56 @@ def test_a_wanted_addendum_without_runs_says_so(tmp_path: Path) -> None:
 
     with pytest.raises(UserError, match="no runs"):
         print_addendum(tmp_path)
+
+
+def test_results_are_worded_as_the_statistics_allow(tmp_path: Path) -> None:
+    """Two norms within noise of each other: a tie everywhere a ranking would be stated, the
+    equivalence check read as "interchangeable", Holm across the checks, each expected outcome
+    answered, and a prediction about spikes that the data contradict said so."""
+    arms = [Arm("layernorm", {"model.norm": "layernorm"}, [5.01, 4.99, 5.02]),
+            Arm("rmsnorm", {"model.norm": "rmsnorm"}, [5.00, 5.02, 4.99], spikes={0: [25]})]
+    build_experiment(tmp_path, arms, name="norms", category="architecture", checks=[
+        {"metric": "final_val_loss", "arm": "rmsnorm", "op": "<", "than": "layernorm"},
+        {"metric": "final_val_loss", "arm": "rmsnorm", "op": "equivalent", "than": "layernorm",
+         "margin": 0.1}],
+        prediction="rmsnorm ends lower; layernorm shows more loss spikes than rmsnorm.",
+        expected=["rmsnorm trains as fast",
+                  {"outcome": "layernorm shows loss spikes", "check": {
+                      "metric": "spike_events", "arm": "layernorm", "op": ">=", "value": 1}},
+                  {"outcome": "rmsnorm's early gradient norm is no larger", "check": {
+                      "curve": {"metric": "grad_norm", "reduce": "max", "tokens": [0, 40960]},
+                      "arm": "rmsnorm", "op": "<=", "than": "layernorm"}}])
+    md = write_report(tmp_path).markdown.read_text(encoding="utf-8")
+    s9 = md.split("## 9. Interpretation")[1].split("## 10.")[0]
+    rows = {r["Check"]: r for r in md_table(s9, "Check")}
+    worse = rows["final_val_loss: rmsnorm < layernorm"]
+    same = rows["final_val_loss: rmsnorm within ±0.1 of layernorm"]
+    assert worse["Verdict"] == "INCONCLUSIVE" and same["Verdict"] == "SUPPORTED"
+    assert "Holm-adjusted p = " in worse["Test"] and "Holm share" in worse["Why"]
+    assert "P(improvement)" in md_table(s9, "Check")[0] and "seed pairs" in same["P(improvement)"]
+    assert "Family-wise α = 0.05 over 3 statistical checks" in s9
+    assert ("final_val_loss: rmsnorm < layernorm: inconclusive — rmsnorm − layernorm = "
+            "-0.003333 is within noise") in s9
+    # Section 9 answers every expected outcome, prose included.
+    assert "\u201crmsnorm trains as fast\u201d: not machine-checked" in s9
+    assert "\u201clayernorm shows loss spikes\u201d: NOT MET" in s9
+    assert "\u201crmsnorm's early gradient norm is no larger\u201d: " in s9
+    assert "max grad_norm over tokens [0, 40,960]: rmsnorm <= layernorm" in s9
+    # The prediction said layernorm spikes more; only rmsnorm spiked.
+    assert ("Predicted: \u201clayernorm shows more loss spikes than rmsnorm\u201d; seen loss "
+            "spikes per arm: layernorm 0, rmsnorm 1 — the data contradict it: loss spikes were "
+            "seen only in rmsnorm.") in s9
+    decision = md.split("## 10. Decision")[1].split("## 11.")[0]
+    assert "**(provisional)**" in decision
+    assert ("- **Any architectural preference:** interchangeable: model.norm = rmsnorm or "
+            "model.norm = layernorm") in decision or ("- **Any architectural preference:** "
+                                                      "interchangeable: model.norm = layernorm "
+                                                      "or model.norm = rmsnorm") in decision
+    assert "are interchangeable within ±0.1 on final_val_loss: equivalence is supported" \
+        in decision
+    summary = {r["Config"]: r for r in md_table(md, "Config")}
+    best = next(arm for arm, r in summary.items() if "best mean" in r["Notes"])
+    assert "within noise of" in summary[best]["Notes"]
+    assert "best final_val_loss" not in md  # no arm is called best outright
+    follow = md.split("## 11. Follow-up Questions")[1]
+    assert "is better on final_val_loss: the difference is within seed noise" in follow

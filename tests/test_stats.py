@@ -158,3 +158,15 @@ def test_equivalent_is_two_one_sided_tests(margin: float) -> None:
     p_lower = st.ttest_ind(a, b - margin, equal_var=False, alternative="greater").pvalue
     p_upper = st.ttest_ind(a, b + margin, equal_var=False, alternative="less").pvalue
     assert equivalent(a.tolist(), b.tolist(), margin) is bool(max(p_lower, p_upper) < 0.05)
+
+
+def test_power_stays_finite_where_the_noncentral_tail_underflows() -> None:
+    """scipy's noncentral t returns NaN for the far tail at few degrees of freedom and a large
+    noncentrality; the power must still be the upper tail (and the seeds needed not skip n)."""
+    from lmlab.analysis.stats import paired_seeds_needed, t_power
+
+    assert t_power(0.0, 3, 0.05) == pytest.approx(0.05)
+    power = t_power(8.4, 2, 0.05)
+    assert math.isfinite(power) and power == pytest.approx(st.nct.sf(st.t.ppf(0.975, 2), 2, 8.4))
+    # sd of the differences 0.06, difference 0.29: three seed pairs give ~97% power.
+    assert paired_seeds_needed(-0.2906, 0.0599) == 3

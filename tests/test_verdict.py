@@ -7,8 +7,9 @@ import math
 import numpy as np
 import pytest
 
+from lmlab.analysis.checks import evaluate_check
 from lmlab.analysis.stats import seeds_needed, summarize, welch
-from lmlab.analysis.verdict import evaluate_check, judge, overall_verdict
+from lmlab.analysis.verdict import judge, overall_verdict
 from lmlab.spec.schema import Check
 
 LOW = [4.80, 4.81, 4.79]
@@ -173,8 +174,9 @@ def test_overall_verdict_and_judge() -> None:
     data = {("a", "final_val_loss"): LOW, ("b", "final_val_loss"): HIGH,
             ("a", "divergence_events"): [0.0, 0.0, 0.0]}
 
-    def values(arm: str, metric: str) -> list[float] | None:
-        return data.get((arm, metric), [] if arm in ("a", "b") else None)
+    def values(arm: str, c: Check) -> list[tuple[int, float]] | None:
+        found = data.get((arm, c.metric or ""), [] if arm in ("a", "b") else None)
+        return None if found is None else list(enumerate(found))
 
     v = judge([win, stable], values, lambda x, y: False)
     assert v.overall == "supported" and [c.verdict for c in v.checks] == ["supported"] * 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
@@ -172,7 +173,11 @@ def _plan(spec: Path, data_dir: Path | None = None, fallback: Path | None = None
 
     _use_data_dir(data_dir)
     p = load_plan(spec)
-    return _with_fallback(p, fallback) if fallback is not None else p
+    if fallback is None:
+        return p
+    with p.doc.located("controlled"):
+        swapped = _fallback_data(p.spec.controlled.data, p.base, fallback)
+    return p.on_data(swapped)
 
 
 def _warn(p, *, bound: bool = True) -> None:
@@ -238,17 +243,32 @@ def plan(
     no_estimate: Annotated[bool, typer.Option("--no-estimate", help="skip timing real steps")] = False,
     data_dir: DataDir = None,
     fallback_corpus: FallbackCorpus = None,
+    until_settled: Annotated[bool | None, typer.Option(
+        "--until-settled/--fixed-seeds", help="plan the rounds of seeds an until-settled run "
+        "may add (default: analysis.until_settled)")] = None,
+    max_seeds: Annotated[int | None, typer.Option(
+        "--max-seeds", min=2, help="until-settled: the cap on seeds per arm")] = None,
 ) -> None:
-    """The table of runs and their expected wall-clock (timed on a few real steps per shape)."""
+    """The table of runs and their expected wall-clock (timed on a few real steps per shape);
+    until settled, the rounds and the worst case."""
+    from lmlab.driver import design_of, plan_rounds
     from lmlab.execute.experiment import estimate, prepare_plan_data
+    from lmlab.spec.expand import expand
 
     p = _plan(spec, data_dir, fallback_corpus)
     _warn(p, bound=no_estimate)  # a measured estimate says more than the bound
+    design = design_of(p, until_settled, max_seeds)
+    if design is not None:  # every run the rounds may add is timed and listed
+        p = expand(p.spec, p.doc, seeds=sorted(design.seeds_through(len(design.rounds))))
     if no_estimate:
         record = p.to_json()
     else:
         with console.status("timing a few real steps of each shape..."), p.doc.located("controlled"):
             record = estimate(p, None, prepare_plan_data(p))
+    if design is not None:
+        estimates = {r["run_id"]: r.get("estimate_s") for r in record["runs"]}
+        record["rounds"] = plan_rounds(p, design, estimates)
+        record["sequential"] = design.to_json()
     if as_json:
         out.print_json(json.dumps(record))
         return
@@ -260,7 +280,13 @@ def plan(
     out.print(table)
     if dropped:
         console.print(f"(too narrow for {', '.join(dropped)}: widen the terminal, or --json)")
-    if (total := record.get("estimate_total_s")) is not None:
+    if design is not None:
+        from lmlab.report.terminal import rounds_table
+
+        table, footer = rounds_table(record["rounds"], design)
+        out.print(table)
+        out.print(footer)
+    elif (total := record.get("estimate_total_s")) is not None:
         from lmlab.execute.feasible import DAY_S
 
         out.print(f"expected wall-clock in total: {seconds(total)} (runs in sequence on this "
@@ -314,40 +340,38 @@ def run(
                                                  "per GPU, or one on CPU)")] = None,
     data_dir: DataDir = None,
     fallback_corpus: FallbackCorpus = None,
+    until_settled: Annotated[bool | None, typer.Option(
+        "--until-settled/--fixed-seeds", help="after the declared seeds, add seeds to every "
+        "arm in rounds until every check is supported or refuted, or --max-seeds is reached "
+        "(group-sequential, the whole procedure at analysis.alpha; default: "
+        "analysis.until_settled)")] = None,
+    max_seeds: Annotated[int | None, typer.Option(
+        "--max-seeds", min=2, help="until-settled: the cap on seeds per arm (default: "
+        "analysis.max_seeds)")] = None,
 ) -> None:
     """Preflight, then every arm x seed, each in its own process. Rerun to resume."""
-    from lmlab.execute.experiment import run_experiment
+    from lmlab import driver
     from lmlab.names import STORE_FILE, Status
 
     p = _plan(spec, data_dir, fallback_corpus)
     _warn(p)
     out_dir = out_dir or Path("runs") / p.spec.meta.name
     with p.doc.located("controlled"):
-        result = run_experiment(p, out_dir, skip_preflight=skip_preflight, force_new=force_new,
-                                parallel=parallel)
-    if result["moved"]:
-        console.print(f"previous results moved to {result['moved']}")
-    counts: dict[str, int] = {}
-    for state in result["results"].values():
-        counts[state] = counts.get(state, 0) + 1
+        result = driver.run(p, out_dir, until_settled=until_settled, max_seeds=max_seeds,
+                            skip_preflight=skip_preflight, force_new=force_new,
+                            parallel=parallel)
+    if result.moved:
+        console.print(f"previous results moved to {result.moved}")
+    counts = Counter(result.results.values())
     out.print(f"{p.spec.meta.name}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    if result.sequential is not None and (looks := (record := result.sequential)["looks"]):
+        last = looks[-1]
+        out.print(f"look {last['look']} ({len(last['seeds'])} seeds per arm): verdict "
+                  f"{last['verdict']}" + (f"; stopped: {record['stopped']['reason']}"
+                                          if record.get("stopped") else ""))
     out.print(f"results: {out_dir / STORE_FILE}   next: lmlab report {out_dir}")
     if any(counts.get(s) for s in (Status.INTERRUPTED, Status.FAILED, Status.PENDING)):
         raise typer.Exit(1)
-
-
-def _with_fallback(p, corpus: Path):
-    """The plan on a local corpus when its WikiText-2 is not available on this machine."""
-    from lmlab.spec.expand import expand
-
-    data = p.spec.controlled.data
-    with p.doc.located("controlled"):
-        swapped = _fallback_data(data, p.base, corpus)
-    if swapped is data:
-        return p
-    spec = p.spec.model_copy(deep=True)
-    spec.controlled.data = swapped
-    return expand(spec, p.doc)
 
 
 def _fallback_data(data, base: Path, corpus: Path):
@@ -435,26 +459,15 @@ def doctor(
     store_doctor.store_file(directory)  # a store (or its WAL) is there to look at
     with hold_directory(directory):  # nobody may be writing while it is checked or replaced
         diagnosis = store_doctor.diagnose(directory)
-        if diagnosis.whole:
-            out.print(f"{diagnosis.store}: ok (integrity check passed; schema "
-                      f"v{diagnosis.schema_version}, {diagnosis.runs} runs)", **PLAIN)
-            return
-        out.print(f"{diagnosis.store}: damaged. SQLite's integrity check says:", **PLAIN)
-        for problem in diagnosis.problems[:10]:
-            out.print(f"  {problem}", **PLAIN)
-        if not recover:
-            out.print(f"`lmlab doctor {directory} --recover` copies what can be read into a new "
-                      "store and keeps the damaged file aside", **PLAIN)
-            raise typer.Exit(1)
-        result = store_doctor.recover(directory)
-    out.print(f"recovered into {result.store}: " + ", ".join(
-        f"{table} {n:,} rows" for table, n in result.copied.items()), **PLAIN)
-    for what, ranges in result.lost.items():
-        shown = ", ".join(ranges[:8]) + (" ..." if len(ranges) > 8 else "")
-        out.print(f"  unreadable: {what} keys {shown}", **PLAIN)
-    if result.lost:
-        out.print("runs that lost rows carry a rows_lost event (lmlab status shows it)", **PLAIN)
-    out.print("the damaged store is kept as " + ", ".join(str(p) for p in result.kept), **PLAIN)
+        lines = diagnosis.lines()
+        if not diagnosis.whole and recover:
+            lines += store_doctor.recover(directory).lines()
+    for line in lines:
+        out.print(line, **PLAIN)
+    if not diagnosis.whole and not recover:
+        out.print(f"`lmlab doctor {directory} --recover` copies what can be read into a new "
+                  "store and keeps the damaged file aside", **PLAIN)
+        raise typer.Exit(1)
 
 
 @app.command()

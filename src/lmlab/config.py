@@ -155,7 +155,14 @@ class ScheduleConfig(_Config):
 
 
 class TrainConfig(_Config):
+    # The run's seed. It fixes every random number of the run unless one of the parts below
+    # overrides it (an experiment's ``controlled.seed_policy`` sets them).
     seed: int = 0
+    # The weights' initialisation and dropout draw from this seed (None: ``seed``).
+    init_seed: int | None = None
+    # The order of the training windows is drawn from this seed (None: ``seed``). Holding it
+    # fixed across seeds isolates initialisation noise, as the PolyPythia seed studies do.
+    data_seed: int | None = None
     # Sequences per optimizer step (the effective batch); split into grad_accum micro-batches.
     batch_size: int = Field(16, ge=1)
     grad_accum: int = Field(1, ge=1)
@@ -187,6 +194,14 @@ class TrainConfig(_Config):
                 f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}"
             )
         return self
+
+    @property
+    def init_seed_used(self) -> int:
+        return self.seed if self.init_seed is None else self.init_seed
+
+    @property
+    def data_seed_used(self) -> int:
+        return self.seed if self.data_seed is None else self.data_seed
 
     def seq_len_at(self, step: int) -> int:
         return _ramp(step, self.seq_len_warmup_steps, self.seq_len_start, self.seq_len)

@@ -7,7 +7,8 @@ Every identity lmlab uses derives from :func:`identity`:
 - ``trajectory``: what is trained (data, tokenizer, model, optimisation, seed, budget), not how
   it is watched (evaluation, diagnostics, log and checkpoint cadence): runs that agree here
   produce the same training curve.
-- ``arm``: the trajectory up to the seed. Two arms with one ``arm`` identity are an A/A pair.
+- ``arm``: the trajectory up to the seed and its parts (``names.PER_SEED_PATHS``). Two arms
+  with one ``arm`` identity are an A/A pair.
 - ``preflight``: the Overfit Sanity check trains the model/optimiser/precision of a
   configuration on a fixed slice, whatever its budget or evaluation.
 - ``cost``: what a training step costs: the trajectory without the values that only change the
@@ -25,6 +26,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from lmlab.config import RunConfig, flatten
+from lmlab.names import PER_SEED_PATHS
 
 Aspect = Literal["run", "trajectory", "arm", "preflight", "cost"]
 
@@ -32,13 +34,13 @@ Aspect = Literal["run", "trajectory", "arm", "preflight", "cost"]
 NUMERIC_ONLY = ("optimizer.lr", "optimizer.muon_lr", "optimizer.betas", "optimizer.eps",
                 "optimizer.weight_decay", "optimizer.momentum", "optimizer.embedding_lr_mult",
                 "optimizer.head_lr_mult", "schedule", "train.grad_clip", "model.init_std",
-                "model.scaled_init", "train.seed")
+                "model.scaled_init", *sorted(PER_SEED_PATHS))
 WATCHING = ("evaluation", "cadence")  # how a run is observed, not what it trains
 
 IGNORED: dict[str, tuple[str, ...]] = {
     "run": (),
     "trajectory": WATCHING,
-    "arm": (*WATCHING, "train.seed"),
+    "arm": (*WATCHING, *sorted(PER_SEED_PATHS)),
     "preflight": ("budget", *WATCHING),
     # The evaluation split size and batch, and the diagnostics, do cost time; their cadences are
     # counted by the estimate itself.

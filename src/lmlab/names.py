@@ -63,6 +63,8 @@ class Event(StrEnum):
 
 # Events that mean the training itself went wrong (template section 6, stability metrics).
 INSTABILITY_EVENTS = (Event.NAN, Event.DIVERGENCE, Event.SPIKE)
+# Events a curve statistic can count in a window.
+CURVE_EVENTS = tuple(str(e) for e in INSTABILITY_EVENTS)
 
 
 # -- logged metrics (one store row per step and name) -------------------------------------------
@@ -74,6 +76,9 @@ STEP_TIME = "step_time_s"  # per log interval: training seconds per step
 TOKENS_PER_S = "tokens_per_s"  # per log interval: training tokens per training second
 PEAK_MEM = "peak_mem_bytes"  # per log interval: peak memory so far (CUDA allocated, or RSS)
 PEAK_MEM_RESERVED = "peak_mem_reserved_bytes"  # CUDA only: the caching allocator's peak
+
+# The curves every run logs (besides evaluations and diagnostics): what a curve statistic reads.
+LOGGED_CURVES = (TRAIN_LOSS, GRAD_NORM, LR, STEP_TIME, TOKENS_PER_S, PEAK_MEM)
 
 # An evaluation logs ``{split prefix}_{key}`` for each key: val_loss, val_ppl, ..., test_bpb.
 EVAL_KEYS = ("loss", "ppl", "bpb", "word_ppl")
@@ -94,6 +99,18 @@ DIAG_NORM_GRAD = "norm_grad_norm/"
 DIAG_UPDATE_RATIO = "update_ratio/block."
 DIAG_ACT_RMS = "act_rms/block."
 DIAG_ATTN_ENTROPY = "attn_entropy/layer."
+
+
+DIAG_PREFIXES = (DIAG_BLOCK_GRAD, DIAG_KIND_GRAD, DIAG_NORM_GRAD, DIAG_UPDATE_RATIO, DIAG_ACT_RMS,
+                 DIAG_ATTN_ENTROPY)
+
+
+def logged_curve(name: str) -> bool:
+    """Whether ``name`` is a curve a run can log: a core curve, an evaluation number, or a
+    diagnostic (``grad_norm/block.0``)."""
+    evals = {eval_metric(split, key) for split in (VAL, TEST) for key in EVAL_KEYS}
+    return (name in LOGGED_CURVES or name == PEAK_MEM_RESERVED or name in evals
+            or any(name.startswith(p) and len(name) > len(p) for p in DIAG_PREFIXES))
 
 
 # -- per-run quantities ----------------------------------------------------------------------
@@ -121,13 +138,16 @@ EVENT_METRICS: dict[str, str] = {"divergence_events": "divergence", "nan_events"
 RESULT_SPEC = "experiment/spec"
 RESULT_PLAN = "experiment/plan"
 RESULT_PREFLIGHT = "experiment/preflight"
+# The sequential design of an experiment run --until-settled: its rounds and every look.
+RESULT_SEQUENTIAL = "experiment/sequential"
 
 
 # -- config paths several modules reason about ------------------------------------------------
 
 # Differs between the runs of one arm by design: never a controlled variable, never part of an
 # arm's identity.
-PER_SEED_PATHS = frozenset({"train.seed"})
+# The seed and its parts (init, data order) are set by meta.seeds and controlled.seed_policy.
+PER_SEED_PATHS = frozenset({"train.seed", "train.init_seed", "train.data_seed"})
 # The effective batch (sequences per optimizer step) and its ramp. The Memory / Systems addendum
 # compares arms at one effective batch; train.grad_accum may change (micro-batch x accumulation).
 EFFECTIVE_BATCH_PATHS = ("train.batch_size", "train.batch_size_start", "train.batch_ramp_steps")

@@ -1,7 +1,11 @@
 """What the data says beyond the hypothesis checks: the judgements a report writes up (which arm
-is best and by how much, which arms were under-trained, unstable or noisy, whether variables
-interact, which arm reached a loss soonest, where the sweep should go next, whether the
-experiment is ready for Phase-1).
+is best and by how much, or which arms tie within noise; where each arm's training stood at the
+end; which arms were unstable or noisy, and whether that is what the hypothesis predicted;
+whether variables interact; which arm reached a loss soonest; where the sweep should go next;
+whether the experiment is ready for Phase-1).
+
+Rankings (:mod:`lmlab.analysis.ranking`) are only stated beyond noise; training progress
+(:mod:`lmlab.analysis.progress`) is judged against the seed noise and stated either way.
 
 Pure functions of an :class:`~lmlab.analysis.summary.Experiment` and its
 :class:`~lmlab.analysis.summary.ArmSummary` per arm, returning frozen dataclasses: numbers and
@@ -14,22 +18,40 @@ better comes from ``lmlab.names.RUN_METRICS``.
 
 from __future__ import annotations
 
-import math
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from lmlab.analysis.stats import Summary, Welch, summarize, welch
+from lmlab.analysis.predictions import PredictedInstability, predicted_instability
+from lmlab.analysis.progress import (
+    Progress,
+    WorseAtEnd,
+    progress,
+    under_trained,
+    worse_at_end,
+)
+from lmlab.analysis.ranking import (
+    DisagreeingSeeds,
+    Efficiency,
+    Quickest,
+    Reach,
+    RunnerUp,
+    best_arm,
+    better_of,
+    compare,
+    disagreeing_seeds,
+    efficiency,
+    runner_up,
+    separated,
+    tied_with_best,
+)
 from lmlab.analysis.summary import ArmSummary, Experiment
 from lmlab.analysis.verdict import HypothesisVerdict
 from lmlab.names import (
     INSTABILITY_EVENTS,
     PER_SEED_PATHS,
     RUN_METRICS,
-    VAL_LOSS,
     Event,
     Status,
 )
@@ -37,15 +59,12 @@ from lmlab.names import (
 # Seeds of one arm do the same work: a relative spread of throughput above this means the
 # machine was shared or throttled, not that the arms differ.
 NOISY_THROUGHPUT = 0.15
-# With one seed there is no spread to judge "still improving" by: 1% of the loss instead.
-ONE_SEED_IMPROVEMENT = 0.01
+# Re-exported: the report and the tests read every judgement from here.
+__all__ = ["DisagreeingSeeds", "Efficiency", "PredictedInstability", "Progress", "Quickest",
+           "Reach", "RunnerUp", "WorseAtEnd", "best_arm", "disagreeing_seeds",
+           "efficiency", "runner_up", "separated", "tied_with_best", "under_trained"]
 # What counts as the training going wrong, per arm (section 9's "Any instability?").
 UNSTABLE_EVENTS = (*INSTABILITY_EVENTS, Event.OOM)
-
-
-def _better(direction: str) -> Callable[..., Any]:
-    """``min`` when lower is better, else ``max``."""
-    return min if direction == "lower" else max
 
 
 def memory_kind(exp: Experiment) -> str:
@@ -59,98 +78,7 @@ def memory_kind(exp: Experiment) -> str:
     return kinds.pop() if len(kinds) == 1 else "mixed"
 
 
-# -- ranking ---------------------------------------------------------------------------------
-
-
-def best_arm(arms: Mapping[str, ArmSummary], primary: str) -> str | None:
-    """The arm with the best finite mean of ``primary``, or None when no arm has one."""
-    means = {arm: a.stats[primary].mean for arm, a in arms.items()
-             if a.stats[primary].n and math.isfinite(a.stats[primary].mean)}
-    if not means:
-        return None
-    return _better(RUN_METRICS[primary])(means, key=lambda k: means[k])
-
-
-@dataclass(frozen=True)
-class RunnerUp:
-    """The second-best arm, and Welch's test of the best arm minus it."""
-
-    arm: str
-    test: Welch
-
-    @property
-    def separated(self) -> bool | None:
-        """Whether the 95% interval of the difference excludes 0 (None: not testable)."""
-        t = self.test
-        if not t.testable or t.ci_low is None or t.ci_high is None:
-            return None
-        return t.ci_low > 0 or t.ci_high < 0
-
-
-def runner_up(arms: Mapping[str, ArmSummary], best: str, primary: str) -> RunnerUp | None:
-    others = {arm: a.stats[primary].mean for arm, a in arms.items()
-              if arm != best and a.stats[primary].n}
-    if not others:
-        return None
-    second = _better(RUN_METRICS[primary])(others, key=lambda k: others[k])
-    return RunnerUp(second, welch(arms[best].seeds_values(primary),
-                                  arms[second].seeds_values(primary)))
-
-
-@dataclass(frozen=True)
-class DisagreeingSeeds:
-    """An arm whose seed-to-seed spread of the primary metric is at least the gap to the nearest
-    other arm: its rank among the arms is not reliable."""
-
-    arm: str
-    std: float
-    gap: float
-
-
-def disagreeing_seeds(arms: Mapping[str, ArmSummary], primary: str) -> list[DisagreeingSeeds]:
-    means = {arm: a.stats[primary].mean for arm, a in arms.items() if a.stats[primary].n >= 1}
-    out = []
-    for arm, a in arms.items():
-        s = a.stats[primary]
-        if s.n < 2 or len(means) < 2:
-            continue
-        gap = min(abs(s.mean - m) for other, m in means.items() if other != arm)
-        if s.std >= gap:
-            out.append(DisagreeingSeeds(arm, s.std, gap))
-    return out
-
-
 # -- how the runs went -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class UnderTrained:
-    """An arm whose validation loss still fell over its last ``intervals`` evaluation intervals
-    by more than the seed spread of its final loss: a longer budget would likely change the
-    numbers, and possibly the ranking."""
-
-    drop: float  # mean over completed seeds
-    spread: float | None  # std of final_val_loss over seeds; None with one seed
-    intervals: int = 2
-
-
-def under_trained(arms: Mapping[str, ArmSummary]) -> dict[str, UnderTrained]:
-    out = {}
-    for arm, a in arms.items():
-        drops = []
-        for r in a.runs:
-            val = r.values(VAL_LOSS)
-            if r.completed and len(val) >= 3 and all(map(math.isfinite, val[-3:])):
-                drops.append(val[-3] - val[-1])
-        if not drops:
-            continue
-        drop = float(np.mean(drops))
-        s = a.stats["final_val_loss"]
-        spread = s.std if s.n >= 2 else None
-        threshold = spread if spread is not None else ONE_SEED_IMPROVEMENT * abs(s.mean)
-        if drop > 0 and drop > threshold:
-            out[arm] = UnderTrained(drop, spread)
-    return out
 
 
 @dataclass(frozen=True)
@@ -229,15 +157,23 @@ def noisy_throughput(arms: Mapping[str, ArmSummary]) -> list[NoisyThroughput]:
 
 @dataclass(frozen=True)
 class Interaction:
-    """The best value of ``variable`` at each level of ``other`` (as raw config values)."""
+    """The best value of ``variable`` at each level of ``other`` (as raw config values), and at
+    each level whether it is ahead of the level's next-best value beyond noise (``clear``)."""
 
     variable: str
     other: str
     best_at: tuple[tuple[Any, Any], ...]  # (level of other, best value of variable)
+    clear: tuple[bool | None, ...] = ()
 
     @property
     def depends(self) -> bool:
+        """The best mean value differs between levels."""
         return len({_key(best) for _, best in self.best_at}) > 1
+
+    @property
+    def shown(self) -> bool:
+        """It differs, and at every level the best value is ahead beyond noise."""
+        return self.depends and len(self.clear) == len(self.best_at) and all(self.clear)
 
 
 @dataclass(frozen=True)
@@ -253,15 +189,17 @@ def _key(value: Any) -> Any:
     return repr(value) if isinstance(value, dict) else value
 
 
-def interactions(exp: Experiment, arms: Mapping[str, ArmSummary], primary: str) -> Interactions:
+def interactions(exp: Experiment, arms: Mapping[str, ArmSummary], primary: str,
+                 alpha: float = 0.05) -> Interactions:
     """For each ordered pair of variables, the best value of one at each level of the other,
-    where a level tries at least two values of it (judged on the mean of ``primary``)."""
+    where a level tries at least two values of it (judged on the mean of ``primary``, then
+    tested against the level's next-best arm with the design's analysis at ``alpha``)."""
     variables = tuple(v for v in exp.variables if v not in PER_SEED_PATHS)
     if len(variables) < 2:
         return Interactions(variables, ())
     means = {arm: a.stats[primary].mean for arm, a in arms.items() if a.stats[primary].n}
     values = {arm: exp.arm_values(arm) for arm in means}
-    pick = _better(RUN_METRICS[primary])
+    pick = better_of(RUN_METRICS[primary])
     pairs = []
     for var in variables:
         for other in variables:
@@ -271,69 +209,20 @@ def interactions(exp: Experiment, arms: Mapping[str, ArmSummary], primary: str) 
             for arm in means:
                 level = values[arm].get(other)
                 groups.setdefault(_key(level), (level, []))[1].append(arm)
-            best_at = []
+            best_at, clear = [], []
             for level, members in groups.values():
                 if len({_key(values[a].get(var)) for a in members}) >= 2:
                     winner = pick(members, key=lambda a: means[a])
+                    rivals = [a for a in members
+                              if _key(values[a].get(var)) != _key(values[winner].get(var))]
+                    second = pick(rivals, key=lambda a: means[a])
                     best_at.append((level, values[winner].get(var)))
+                    clear.append(separated(compare(arms[winner].values[primary],
+                                                   arms[second].values[primary], exp, winner,
+                                                   second, alpha), alpha))
             if len(best_at) >= 2:
-                pairs.append(Interaction(var, other, tuple(best_at)))
+                pairs.append(Interaction(var, other, tuple(best_at), tuple(clear)))
     return Interactions(variables, tuple(pairs))
-
-
-# -- compute efficiency ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Reach:
-    """Per seed, the tokens and training seconds to the first evaluation at or below the
-    target, summarised over seeds."""
-
-    tokens: Summary
-    seconds: Summary
-
-
-@dataclass(frozen=True)
-class Efficiency:
-    """``target``: the highest final validation loss of any included run, so every run reached
-    it. Per seed rather than on a mean curve: seeds of one arm are evaluated at different
-    training seconds, and a shared time grid blurs exactly that."""
-
-    target: float
-    reach: dict[str, Reach]
-    speeds: dict[str, float]  # mean tokens/sec per arm that measured it
-
-    @property
-    def fewest_tokens(self) -> str | None:
-        return min(self.reach, key=lambda a: self.reach[a].tokens.mean) if self.reach else None
-
-    @property
-    def least_time(self) -> str | None:
-        return min(self.reach, key=lambda a: self.reach[a].seconds.mean) if self.reach else None
-
-
-def efficiency(arms: Mapping[str, ArmSummary]) -> Efficiency | None:
-    """None when no run has a final validation loss."""
-    finals = [v for a in arms.values() for v in a.seeds_values("final_val_loss")]
-    if not finals:
-        return None
-    target = max(finals)
-    reach = {}
-    for arm, a in arms.items():
-        tokens, secs = [], []
-        for r in a.runs:
-            if not r.included("final_val_loss"):
-                continue
-            hit = next((row for row in r.curves.get(VAL_LOSS, [])
-                        if math.isfinite(row.value) and row.value <= target + 1e-12), None)
-            if hit is not None:
-                tokens.append(float(hit.tokens))
-                secs.append(float(hit.wall_s))
-        if tokens:
-            reach[arm] = Reach(summarize(tokens), summarize(secs))
-    speeds = {arm: a.stats["tokens_per_s"].mean for arm, a in arms.items()
-              if a.stats["tokens_per_s"].n}
-    return Efficiency(target, reach, speeds)
 
 
 # -- where to go next ------------------------------------------------------------------------
@@ -399,9 +288,10 @@ class Phase1:
 
 
 def phase1(exp: Experiment, verdict: HypothesisVerdict,
-           under: Mapping[str, UnderTrained]) -> Phase1:
+           under: Mapping[str, Progress]) -> Phase1:
     pre = exp.preflight
-    need = [c.seeds_needed for c in verdict.checks if c.seeds_needed]
+    need = [c.seeds_needed for c in verdict.checks
+            if c.seeds_needed and c.verdict == "inconclusive"]
     return Phase1(
         verdict=verdict.overall, verdict_reason=verdict.reason,
         preflight_failed=pre is not None and not pre.get("passed", True),
@@ -420,33 +310,44 @@ def _ids(exp: Experiment, statuses: Sequence[str]) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Findings:
-    best: str | None
+    best: str | None  # the best mean of the primary metric (a preference only if not tied)
     runner_up: RunnerUp | None
+    tied: list[RunnerUp]  # arms the best one is not distinguishable from
     disagreeing: list[DisagreeingSeeds]
-    under_trained: dict[str, UnderTrained]
+    under_trained: dict[str, Progress]  # the arms still improving beyond noise
+    progress: dict[str, Progress]  # every arm, stated either way
+    worse_at_end: list[WorseAtEnd]
     spikes: dict[str, Spikes]
     instability: list[ArmStability]
+    predicted: list[PredictedInstability]
     noisy_throughput: list[NoisyThroughput]
     interactions: Interactions
     efficiency: Efficiency | None
     edge_of_range: list[EdgeOfRange]
     phase1: Phase1
+    alpha: float = 0.05
 
 
 def find(exp: Experiment, arms: Mapping[str, ArmSummary], verdict: HypothesisVerdict,
          primary: str) -> Findings:
+    alpha = exp.spec.analysis.alpha if exp.spec else 0.05
     best = best_arm(arms, primary)
     under = under_trained(arms)
     return Findings(
         best=best,
-        runner_up=runner_up(arms, best, primary) if best is not None else None,
+        runner_up=runner_up(arms, best, primary, exp, alpha) if best is not None else None,
+        tied=tied_with_best(arms, best, primary, exp, alpha) if best is not None else [],
         disagreeing=disagreeing_seeds(arms, primary),
         under_trained=under,
+        progress=progress(arms),
+        worse_at_end=worse_at_end(arms),
         spikes=spikes(exp),
         instability=instability(arms),
+        predicted=predicted_instability(exp),
         noisy_throughput=noisy_throughput(arms),
-        interactions=interactions(exp, arms, primary),
-        efficiency=efficiency(arms),
+        interactions=interactions(exp, arms, primary, alpha),
+        efficiency=efficiency(arms, exp, alpha),
         edge_of_range=edge_of_range(exp, best) if best is not None else [],
         phase1=phase1(exp, verdict, under),
+        alpha=alpha,
     )

@@ -29,6 +29,7 @@ from lmlab.names import (
     PER_SEED_PATHS,
     RESULT_PLAN,
     RESULT_PREFLIGHT,
+    RESULT_SEQUENTIAL,
     RESULT_SPEC,
     RUN_METRICS,
     STATUSES,
@@ -62,6 +63,9 @@ class Experiment:
     reference: str | None
     axis: str
     experiment_events: list[dict[str, Any]]
+    # An until-settled experiment's design, rounds and looks (``RESULT_SEQUENTIAL``); None for
+    # a fixed design.
+    sequential: dict[str, Any] | None = None
 
     @property
     def x_key(self) -> str:
@@ -121,6 +125,7 @@ def load_experiment(directory: Path | str, store: Store | None = None) -> Experi
         runs = load_runs(store)
         experiment_events = [e for e in store.events() if e["run_id"] is None]
         preflight = store.get_result(RESULT_PREFLIGHT)
+        sequential = store.get_result(RESULT_SEQUENTIAL)
 
     arms: list[str] = []
     for arm in [p.get("arm") for p in (plan or {}).get("runs", [])] + [r.arm for r in runs]:
@@ -134,7 +139,7 @@ def load_experiment(directory: Path | str, store: Store | None = None) -> Experi
     axis = (plan or {}).get("axis") or (spec.comparison_axis if spec else "equal_tokens")
     name = spec.meta.name if spec else directory.resolve().name
     return Experiment(directory, name, spec, spec_record, plan, preflight, runs, arms,
-                      reference, axis, experiment_events)
+                      reference, axis, experiment_events, sequential)
 
 
 # -- aggregation over seeds ----------------------------------------------------------------------

@@ -84,11 +84,14 @@ def _open_experiment(plan: Plan, out_dir: Path, force_new: bool) -> Path | None:
         previous = store.get_result(RESULT_PLAN) or {}
         record = plan.to_json()
         estimates = {r["run_id"]: r.get("estimate_s") for r in previous.get("runs", [])}
+        # A new seed of a known arm costs what its other seeds cost (the seed changes no shape
+        # or kernel): an experiment grown by seeds keeps its estimates; new arms are timed.
+        by_arm = {r["arm"]: r["estimate_s"] for r in previous.get("runs", [])
+                  if r.get("estimate_s") is not None}
         for r in record["runs"]:
-            r["estimate_s"] = estimates.get(r["run_id"])
-        # A grown experiment (more seeds or arms) is estimated again as a whole.
+            r["estimate_s"] = estimates.get(r["run_id"]) or by_arm.get(r["arm"])
         known = all(r["estimate_s"] is not None for r in record["runs"])
-        record["estimate_total_s"] = previous.get("estimate_total_s") if known else None
+        record["estimate_total_s"] = sum(r["estimate_s"] for r in record["runs"]) if known else None
         store.put_result(RESULT_PLAN, record)
         for r in plan.runs:
             store.add_run(r.run_id, r.arm, r.seed, r.config.to_json(), r.config.config_hash)

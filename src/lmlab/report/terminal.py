@@ -178,3 +178,23 @@ def print_addendum(directory: Path | str, console: Console | None = None) -> Non
         console.print("Notes")
         for note in content.notes:
             console.print(f"  • {note}", markup=False)
+
+
+def rounds_table(rounds: list[dict[str, Any]], design: Any) -> tuple[RichTable, str]:
+    """`lmlab plan`'s until-settled rounds (``design``: a driver.SequentialDesign), and the line
+    that says when it stops and its worst case."""
+    table = RichTable(title=f"until settled: at most {len(rounds)} rounds, {design.max_seeds} "
+                            f"seeds per arm ({design.spending} spending, family-wise "
+                            f"α = {design.alpha:g})")
+    for col in ("round", "new seeds", "seeds per arm", "runs", "expected", "cumulative",
+                "a check settles at p ≤"):
+        table.add_column(col)
+    for r in rounds:
+        table.add_row(str(r["round"]), ", ".join(map(str, r["seeds"])), str(r["seeds_per_arm"]),
+                      str(len(r["runs"])), seconds(r["expected_s"]), seconds(r["cumulative_s"]),
+                      f"{r['boundary_p']:.3g}")
+    worst = rounds[-1]["cumulative_s"]
+    footer = ("it stops at the first look where every check is settled; worst case (every "
+              "round): " + (f"{seconds(worst)} in sequence on this machine" if worst is not None
+                            else "timed without --no-estimate"))
+    return table, footer

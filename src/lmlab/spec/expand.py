@@ -6,14 +6,18 @@
    difference between two arms in a variable that is not declared independent is refused.
 3. The comparison axis fixes each run's budget (equal tokens, steps or training seconds); a budget
    the axis cannot honour is refused with the reason.
-4. Every arm runs every seed of ``meta.seeds``.
+4. Every arm runs every seed of ``meta.seeds`` (and, run ``--until-settled``, the seeds of each
+   further round), with the seed's parts (init, data order) set by ``controlled.seed_policy``.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
+import math
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +30,7 @@ from lmlab.names import EFFECTIVE_BATCH_PATHS, PER_SEED_PATHS
 from lmlab.spec import expr
 from lmlab.spec.footprint import check_fits, host_memory_bytes
 from lmlab.spec.load import YamlDoc, load_yaml, upgrade_spec_doc, validate
-from lmlab.spec.schema import Spec
+from lmlab.spec.schema import Check, SeedPolicy, Spec
 
 # Sections of RunConfig an arm may change. Budgets are fixed by the axis, seeds by meta.seeds.
 VARIABLE_SECTIONS = tuple(Components.model_fields)  # data, tokenizer, model, ..., train
@@ -61,6 +65,14 @@ class Plan:
     def arm_config(self, arm: str) -> RunConfig:
         return next(r.config for r in self.runs if r.arm == arm)
 
+    def on_data(self, data: Any) -> Plan:
+        """This plan with ``controlled.data`` replaced (a fallback corpus), expanded again."""
+        if data is self.spec.controlled.data:
+            return self
+        spec = self.spec.model_copy(deep=True)
+        spec.controlled.data = data
+        return expand(spec, self.doc, seeds=sorted({r.seed for r in self.runs}))
+
     def to_json(self) -> dict[str, Any]:
         return {
             "axis": self.spec.comparison_axis,
@@ -85,6 +97,48 @@ def load_spec(path: Path | str) -> tuple[Spec, YamlDoc]:
 def load_plan(path: Path | str) -> Plan:
     spec, doc = load_spec(path)
     return expand(spec, doc)
+
+
+def spec_checks(spec: Spec) -> Iterator[tuple[str, Check]]:
+    """Every machine-checkable claim of a spec, with the YAML field it was written at: the
+    hypothesis checks, then the expected outcomes that carry one."""
+    for i, check in enumerate(spec.hypothesis.checks):
+        yield f"hypothesis.checks.{i}", check
+    e = spec.expected_outcomes
+    for i, outcome in enumerate([] if isinstance(e, str) else e):
+        if not isinstance(outcome, str) and outcome.check is not None:
+            yield f"expected_outcomes.{i}.check", outcome.check
+
+
+def seed_parts(policy: SeedPolicy, arm: str, seed: int) -> dict[str, int | None]:
+    """The seed's parts of one run (``train.init_seed``, ``train.data_seed``; None: the run's
+    seed). Under ``streams: per_arm`` each arm draws its own from a hash of (arm, seed, part),
+    so no two arms share random numbers."""
+
+    def part(name: str, value: int | str) -> int | None:
+        if value != "per_seed":
+            return int(value)
+        if policy.shares_random_numbers:
+            return None
+        text = f"{arm}/{seed}/{name}".encode()
+        return int.from_bytes(hashlib.sha256(text).digest()[:4], "big") >> 1
+
+    return {"init_seed": part("init", policy.init), "data_seed": part("data", policy.data_order)}
+
+
+def seed_rounds(spec: Spec, max_seeds: int, per_round: int | None = None) -> list[list[int]]:
+    """The seeds of each round of an until-settled experiment: the declared seeds first, then
+    ``per_round`` more (default: as many as declared), the smallest unused seed values, until
+    ``max_seeds`` per arm."""
+    declared = list(spec.meta.seeds)
+    per_round = per_round or spec.analysis.seeds_per_round or len(declared)
+    rounds, used = [declared], set(declared)
+    candidates = (s for s in itertools.count() if s not in used)
+    while len(used) < max_seeds:
+        new = [next(candidates) for _ in range(min(per_round, max_seeds - len(used)))]
+        used.update(new)
+        rounds.append(new)
+    return rounds
 
 
 def _arm_name(values: dict[str, Any]) -> str:
@@ -141,7 +195,10 @@ def _check_path(doc: YamlDoc, where: str, path: str, leaves: dict[str, Any]) -> 
         raise doc.error(where, f"unknown variable '{path}'{hint}")
 
 
-def expand(spec: Spec, doc: YamlDoc) -> Plan:
+def expand(spec: Spec, doc: YamlDoc, seeds: Sequence[int] | None = None) -> Plan:
+    """The plan of ``spec``: every arm x every seed of ``seeds`` (default ``meta.seeds``; an
+    until-settled experiment passes the seeds of the rounds it has started)."""
+    seeds = list(spec.meta.seeds if seeds is None else seeds)
     ind = spec.independent
     controlled = spec.controlled.model_dump(mode="json", include=set(VARIABLE_SECTIONS))
     leaves = flatten(controlled)
@@ -247,12 +304,13 @@ def expand(spec: Spec, doc: YamlDoc) -> Plan:
     reference = ind.reference or first
     if reference not in arm_trees:
         raise doc.error("independent.reference", f"unknown arm '{reference}' (arms: {arm_names})")
-    for i, check in enumerate(spec.hypothesis.checks):
+    for where, check in spec_checks(spec):
         for key in ("arm", "than"):
             arm = getattr(check, key)
             if arm is not None and arm not in arm_trees:
-                raise doc.error(f"hypothesis.checks.{i}.{key}",
+                raise doc.error(f"{where}.{key}",
                                 f"unknown arm '{arm}' (arms: {', '.join(arm_names)})")
+    _check_analysis(spec, doc)
 
     # ---- budgets by comparison axis, then arms x seeds ------------------------------------------
     plan = Plan(spec=spec, doc=doc, arms=arm_values,
@@ -260,13 +318,16 @@ def expand(spec: Spec, doc: YamlDoc) -> Plan:
     cadence = spec.cadence.model_dump(mode="json")
     for name in arm_names:
         budget, eval_cfg = _resolve_budget(spec, doc, name, arm_trees[name], evaluation)
-        for seed in spec.meta.seeds:
+        for seed in seeds:
             tree = copy.deepcopy(arm_trees[name])
-            tree["train"]["seed"] = seed
+            tree["train"].update(seed=seed, **seed_parts(spec.controlled.seed_policy, name, seed))
             cfg = RunConfig.model_validate({**tree, "budget": budget, "evaluation": eval_cfg,
                                             "cadence": cadence})
             plan.runs.append(PlannedRun(run_id=run_id(name, seed), arm=name, seed=seed,
                                         config=cfg, values=arm_values[name]))
+    for where, check in spec_checks(spec):
+        if check.curve is not None:
+            _check_window(spec, doc, plan, f"{where}.curve", check)
     return plan
 
 
@@ -279,6 +340,86 @@ def _blame(fields: list[str], written: dict[str, str]) -> tuple[str, str | None]
             if path == f or path.startswith(f + ".") or f.startswith(path + "."):
                 return spec_field, path
     return (f"controlled.{fields[0]}" if fields else "controlled"), None
+
+
+def _check_analysis(spec: Spec, doc: YamlDoc) -> None:
+    """The seed policy and the analysis section, against the design."""
+    policy, a = spec.controlled.seed_policy, spec.analysis
+    if policy.init != "per_seed" and policy.data_order != "per_seed" and \
+            (len(spec.meta.seeds) > 1 or a.until_settled):
+        raise doc.error("controlled.seed_policy", "fixes both init and data_order: every seed "
+                        "would draw the same random numbers and repeat the same run; let one "
+                        "of them vary per_seed, or run one seed")
+    if a.until_settled:
+        check_until_settled(spec, doc, a.max_seeds, "analysis.max_seeds")
+
+
+def check_until_settled(spec: Spec, doc: YamlDoc, max_seeds: int | None, where: str) -> None:
+    """An until-settled design needs something to settle and room to add seeds."""
+    declared = len(spec.meta.seeds)
+    if max_seeds is None:
+        raise doc.error(where, "until_settled needs max_seeds: the cap on seeds per arm, fixed "
+                        "before the first look (the boundaries depend on it)")
+    if max_seeds <= declared:
+        raise doc.error(where, f"max_seeds {max_seeds} leaves no room to add seeds to the "
+                        f"{declared} declared in meta.seeds")
+    if not any(True for _ in spec_checks(spec)):
+        raise doc.error("hypothesis.checks", "until_settled adds seeds until every check is "
+                        "settled: the spec states no checks")
+
+
+AXIS_UNIT = {"equal_tokens": "tokens", "equal_steps": "steps", "equal_wall_clock": "seconds"}
+
+
+def _check_window(spec: Spec, doc: YamlDoc, plan: Plan, where: str, check: Check) -> None:
+    """A curve statistic's window: on the comparison axis, ordered, inside the budget, and for
+    an evaluation curve holding at least one evaluation."""
+    curve = check.curve
+    assert curve is not None
+    axis = AXIS_UNIT[spec.comparison_axis]
+    unit = curve.unit
+    if unit is None:
+        return
+    field = f"{where}.{unit}"
+    if unit != axis:
+        per_step = {r.config.train.tokens_per_step for r in plan.runs}
+        ramps = any(max(r.config.train.seq_len_warmup_steps, r.config.train.batch_ramp_steps)
+                    for r in plan.runs)
+        hint = ""
+        if {unit, axis} == {"tokens", "steps"} and len(per_step) == 1 and not ramps:
+            k = per_step.pop()
+            lo, hi = curve.window  # type: ignore[misc]
+            conv = [(b if isinstance(b, str) else f"{b * k:g}" if unit == "steps" else
+                     f"{b / k:g}") for b in (lo, hi)]
+            hint = (f": every arm takes {k:,} tokens per step, so write {axis}: "
+                    f"[{conv[0]}, {conv[1]}]")
+        raise doc.error(field, f"windows are on the comparison axis ({spec.comparison_axis}: "
+                        f"{axis}), so that every arm is measured at the same amount of training"
+                        f"{hint}")
+    total = {"tokens": spec.budget.tokens, "steps": spec.budget.steps,
+             "seconds": spec.budget.wall_clock_s}[axis]
+    lo, hi = curve.bounds(total)
+    if lo < 0 or hi < 0:
+        raise doc.error(field, f"a window cannot start or end before 0 (got [{lo:g}, {hi:g}])")
+    if lo >= hi:
+        raise doc.error(field, f"the window is empty: it must start before it ends "
+                        f"(got [{lo:g}, {hi:g}])")
+    if total is not None and hi > total * (1 + 1e-9):
+        raise doc.error(field, f"the window ends at {hi:,g} {axis}, after the budget's "
+                        f"{total:,g}")
+    if curve.metric.startswith("test_") and hi < total:  # type: ignore[operator]
+        raise doc.error(field, f"{curve.metric} is measured once, at the end of the run: the "
+                        "window must reach the end of the budget")
+    if curve.metric.startswith("val_") and total is not None:
+        e = spec.evaluation
+        every = {"tokens": e.every_tokens, "steps": e.every_steps, "seconds": e.every_seconds}[axis]
+        if every:
+            # Evaluations happen at 0, at every multiple of the cadence, and at the end; a
+            # window (lo, hi] holds the first multiple after lo.
+            first = (math.floor(lo / every + 1e-9) + 1) * every
+            if not (lo <= 0 or first <= hi or hi >= total):
+                raise doc.error(field, f"the window [{lo:,g}, {hi:,g}] holds no evaluation of "
+                                f"{curve.metric} (every {every:,g} {axis}): widen it")
 
 
 def addendum_requested(spec: Spec) -> bool:

@@ -5,9 +5,11 @@ the RunConfig's own (``lmlab.config``), so the spec *is* the config tree plus th
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lmlab.config import (
     LEGACY_CADENCE_KEYS,
@@ -16,7 +18,14 @@ from lmlab.config import (
     Components,
     EvaluationConfig,
 )
-from lmlab.names import RUN_METRICS
+from lmlab.names import (
+    CURVE_EVENTS,
+    EVAL_KEYS,
+    EVENT_METRICS,
+    LOGGED_CURVES,
+    RUN_METRICS,
+    logged_curve,
+)
 
 Category = Literal["hyperparam", "optimizer", "memory", "architecture", "recipe"]
 Axis = Literal["equal_tokens", "equal_steps", "equal_wall_clock"]
@@ -38,15 +47,115 @@ class Meta(_Section):
         return self
 
 
+# A window bound: a number on the comparison axis (tokens, steps or training seconds) or a share
+# of the run's budget on it, written as a percentage ("90%").
+Bound = float | str
+# Reducers of a window of one logged curve; ``count`` counts events (spike, nan, divergence).
+Reducer = Literal["mean", "min", "max", "first", "last", "count", "first_below", "first_above"]
+WINDOW_UNITS = ("tokens", "steps", "seconds")
+
+
+class CurveStat(_Section):
+    """One number per run read off a logged curve: ``reduce`` over a window of ``metric``.
+
+    The window is on the comparison axis (``tokens``, ``steps`` or ``seconds``, whichever the
+    experiment compares arms at), as ``[from, to]`` with numbers or percentages of the budget;
+    without one, the whole run. ``first_below`` / ``first_above`` give the position on the axis
+    where the metric first reaches ``threshold`` (the tokens to reach a validation loss);
+    ``count`` counts events (``spike``, ``nan``, ``divergence``) in the window.
+    """
+
+    metric: str
+    reduce: Reducer
+    threshold: float | None = None
+    tokens: tuple[Bound, Bound] | None = None
+    steps: tuple[Bound, Bound] | None = None
+    seconds: tuple[Bound, Bound] | None = None
+
+    @field_validator(*WINDOW_UNITS)
+    @classmethod
+    def _bounds(cls, window: tuple[Bound, Bound] | None) -> tuple[Bound, Bound] | None:
+        for bound in window or ():
+            if isinstance(bound, str) and not re.fullmatch(r"\d+(\.\d+)?\s*%", bound.strip()):
+                raise ValueError(f"a window bound is a number or a percentage of the budget "
+                                 f"such as '90%', not {bound!r}")
+        return window
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CurveStat:
+        windows = [u for u in WINDOW_UNITS if getattr(self, u) is not None]
+        if len(windows) > 1:
+            raise ValueError(f"give one window, not {' and '.join(windows)}")
+        events = self.metric in CURVE_EVENTS
+        if events and self.reduce != "count":
+            raise ValueError(f"{self.metric!r} is an event: it is counted (reduce: count)")
+        if self.reduce == "count" and not events:
+            raise ValueError(f"'count' counts events ({', '.join(CURVE_EVENTS)}), not a curve "
+                             f"like {self.metric!r}")
+        if not events and not logged_curve(self.metric):
+            raise ValueError(f"unknown curve {self.metric!r}: a logged metric ("
+                             f"{', '.join(LOGGED_CURVES)}, val_*/test_* of "
+                             f"{', '.join(EVAL_KEYS)}, or a diagnostic such as grad_norm/block.0) "
+                             f"or an event ({', '.join(CURVE_EVENTS)})")
+        reaching = self.reduce in ("first_below", "first_above")
+        if reaching != (self.threshold is not None):
+            raise ValueError(f"{self.reduce} needs a threshold" if reaching else
+                             f"a threshold belongs to first_below / first_above, not {self.reduce}")
+        return self
+
+    def bounds(self, total: float | None) -> tuple[float, float]:
+        """The window as numbers on the axis, percentages taken of ``total`` (the run's budget
+        on the axis; None when unknown: then a percentage bound is open). No window: the whole
+        run."""
+        if self.window is None:
+            return 0.0, math.inf
+        out = []
+        for i, b in enumerate(self.window):
+            if isinstance(b, str):
+                share = float(b.strip().rstrip("%")) / 100
+                out.append(share * total if total is not None else (0.0, math.inf)[i])
+            else:
+                out.append(float(b))
+        return out[0], out[1]
+
+    @property
+    def unit(self) -> str | None:
+        return next((u for u in WINDOW_UNITS if getattr(self, u) is not None), None)
+
+    @property
+    def window(self) -> tuple[Bound, Bound] | None:
+        return getattr(self, self.unit) if self.unit else None
+
+    def describe(self) -> str:
+        if self.reduce == "count":
+            what = f"{self.metric} events"
+        elif self.threshold is not None:
+            sign = "<=" if self.reduce == "first_below" else ">="
+            what = f"{self.unit or 'axis position'} until {self.metric} {sign} {self.threshold:g}"
+        else:
+            what = f"{self.reduce} {self.metric}"
+        if self.window is None:
+            return what
+        lo, hi = (_bound_text(b) for b in self.window)
+        return f"{what} over {self.unit} [{lo}, {hi}]"
+
+
+def _bound_text(b: Bound) -> str:
+    return b if isinstance(b, str) else f"{b:,.6g}"
+
+
 class Check(_Section):
     """A machine-checkable form of the prediction, evaluated by the report.
 
-    ``arm``'s metric compared with ``than`` (another arm) plus ``margin``, or with a fixed
-    ``value``. ``op: equivalent`` claims no difference larger than ``margin`` (both directions).
+    ``arm``'s ``metric`` (a per-run quantity, ``names.RUN_METRICS``) or ``curve`` (a statistic
+    of a logged curve, :class:`CurveStat`) compared with ``than`` (another arm) plus
+    ``margin``, or with a fixed ``value``. ``op: equivalent`` claims no difference larger than
+    ``margin`` (both directions).
     """
 
     name: str | None = None
-    metric: Literal[tuple(RUN_METRICS)]  # type: ignore[valid-type]
+    metric: Literal[tuple(RUN_METRICS)] | None = None  # type: ignore[valid-type]
+    curve: CurveStat | None = None
     arm: str
     op: Literal["<", "<=", ">", ">=", "==", "equivalent"]
     than: str | None = None
@@ -55,20 +164,39 @@ class Check(_Section):
 
     @model_validator(mode="after")
     def _one_reference(self) -> Check:
+        if (self.metric is None) == (self.curve is None):
+            raise ValueError("a check measures exactly one of 'metric' (a per-run quantity) or "
+                             "'curve' (a statistic of a logged curve)")
         if (self.than is None) == (self.value is None):
             raise ValueError("a check compares with exactly one of 'than' (an arm) or 'value'")
         if self.op == "equivalent" and (self.than is None or self.margin <= 0):
             raise ValueError("'equivalent' needs 'than' (an arm) and a positive 'margin'")
         return self
 
+    @property
+    def measure(self) -> str:
+        """What is measured per run, as a reader names it."""
+        return self.metric if self.curve is None else self.curve.describe()
+
+    @property
+    def counts_events(self) -> bool:
+        """Whether each run's value is a count of events: an exact observation per run."""
+        return self.metric in EVENT_METRICS if self.curve is None else self.curve.reduce == "count"
+
     def describe(self) -> str:
-        if self.name:
-            return self.name
+        return self.name or self.formula()
+
+    def label(self) -> str:
+        """As a reader needs it: its name (if any) and always the comparison itself."""
+        return f"{self.name} ({self.formula()})" if self.name else self.formula()
+
+    def formula(self) -> str:
+        """The comparison itself, whatever the check is named."""
         ref = f"{self.than}" if self.than else f"{self.value:g}"
         if self.op == "equivalent":
-            return f"{self.metric}: {self.arm} within ±{self.margin:g} of {ref}"
+            return f"{self.measure}: {self.arm} within ±{self.margin:g} of {ref}"
         margin = f" {'+' if self.margin >= 0 else '-'} {abs(self.margin):g}" if self.margin else ""
-        return f"{self.metric}: {self.arm} {self.op} {ref}{margin}"
+        return f"{self.measure}: {self.arm} {self.op} {ref}{margin}"
 
 
 class Hypothesis(_Section):
@@ -78,14 +206,46 @@ class Hypothesis(_Section):
     checks: list[Check] = []
 
 
+class SeedPolicy(_Section):
+    """What a seed fixes. Every arm runs every seed of ``meta.seeds``; a seed fixes the weights'
+    initialisation (and dropout) and the order of the training windows.
+
+    ``streams: shared`` (common random numbers): seed s of every arm draws the same random
+    numbers, so two arms are compared seed by seed (paired) and the seed noise they share
+    cancels. ``per_arm``: each arm draws its own from (arm, seed): the arms are independent
+    samples (unpaired). ``init`` and ``data_order`` vary with the seed (``per_seed``) or are held
+    at one seed value in every run: a fixed data order isolates initialisation noise.
+    """
+
+    streams: Literal["shared", "per_arm"] = "shared"
+    init: Literal["per_seed"] | int = "per_seed"
+    data_order: Literal["per_seed"] | int = "per_seed"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy(cls, data: object) -> object:
+        # lmlab 0.1 and 0.2 had one policy, written as a name: every part per seed, shared.
+        return {} if data == "same_seeds_all_arms" else data
+
+    @property
+    def shares_random_numbers(self) -> bool:
+        return self.streams == "shared"
+
+    def describe_part(self, part: Literal["init", "data_order"]) -> str:
+        value = getattr(self, part)
+        if value != "per_seed":
+            return f"fixed at seed {value} in every run"
+        return "per seed, shared by the arms" if self.shares_random_numbers else \
+            "per seed and per arm"
+
+
 class Controlled(Components):
     """Section 3: everything frozen across arms: the RunConfig's component sections, plus the
     hardware expectation and the seed policy."""
 
     # The hardware the runs are meant for: "cpu", "cuda", a GPU name fragment ("H100"), or "any".
     hardware: str = "any"
-    # Every arm runs every seed in meta.seeds; a seed fixes init, data order and dropout.
-    seed_policy: Literal["same_seeds_all_arms"] = "same_seeds_all_arms"
+    seed_policy: SeedPolicy = SeedPolicy()
 
 
 class Independent(_Section):
@@ -115,6 +275,33 @@ class Evaluation(EvaluationConfig):
     ``evaluation`` section), plus the metric the decision ranks arms by."""
 
     primary_metric: Literal[tuple(RUN_METRICS)] = "final_val_loss"  # type: ignore[valid-type]
+
+
+class ExpectedOutcome(_Section):
+    """Section 7: one outcome written down before running; with a ``check``, section 9 says
+    whether it was met."""
+
+    outcome: str
+    check: Check | None = None
+
+
+class Analysis(_Section):
+    """How the report judges the checks (hypothesis and expected outcomes).
+
+    ``pairing``: ``auto`` analyses two arms seed by seed (paired t) exactly when both ran the same
+    seeds under a seed policy that shares random numbers, otherwise with Welch's test; decided
+    from the design before any data is read. ``alpha``: family-wise over every statistical check
+    of the experiment (Holm-Bonferroni). ``until_settled``: after the declared seeds, add
+    ``seeds_per_round`` seeds to every arm per round until every check is supported or refuted,
+    or ``max_seeds`` per arm; a group-sequential design (Lan-DeMets O'Brien-Fleming alpha
+    spending) keeps the whole procedure at ``alpha``.
+    """
+
+    pairing: Literal["auto", "paired", "unpaired"] = "auto"
+    alpha: float = Field(0.05, gt=0, lt=0.5)
+    until_settled: bool = False
+    max_seeds: int | None = Field(None, ge=2, description="per arm: the cap of until_settled")
+    seeds_per_round: int | None = Field(None, ge=1, description="default: as many as meta.seeds")
 
 
 class Preflight(_Section):
@@ -153,6 +340,14 @@ class Spec(_Section):
     evaluation: Evaluation = Evaluation()
     cadence: CadenceConfig = CadenceConfig()
     comparison_axis: Axis
-    expected_outcomes: list[str] | str
+    expected_outcomes: list[str | ExpectedOutcome] | str
+    analysis: Analysis = Analysis()
     preflight: Preflight = Preflight()
     systems_addendum: bool | None = None  # default: on for category memory
+
+    @property
+    def outcomes(self) -> list[ExpectedOutcome]:
+        """Section 7's entries, prose ones included (``check`` None)."""
+        e = self.expected_outcomes
+        return [x if isinstance(x, ExpectedOutcome) else ExpectedOutcome(outcome=x)
+                for x in ([e] if isinstance(e, str) else e)]

@@ -62,6 +62,14 @@ class Diagnosis:
     def whole(self) -> bool:
         return not self.problems
 
+    def lines(self) -> list[str]:
+        """What `lmlab doctor` says about it."""
+        if self.whole:
+            return [f"{self.store}: ok (integrity check passed; schema v{self.schema_version}, "
+                    f"{self.runs} runs)"]
+        return [f"{self.store}: damaged. SQLite's integrity check says:",
+                *(f"  {problem}" for problem in self.problems[:10])]
+
 
 @dataclass
 class Recovery:
@@ -69,6 +77,18 @@ class Recovery:
     kept: list[Path]  # the damaged file and its WAL, moved aside
     copied: dict[str, int]  # table -> rows copied
     lost: dict[str, list[str]] = field(default_factory=dict)  # what -> unreadable key ranges
+
+    def lines(self) -> list[str]:
+        """What `lmlab doctor --recover` says it did."""
+        out = [f"recovered into {self.store}: " + ", ".join(
+            f"{table} {n:,} rows" for table, n in self.copied.items())]
+        for what, ranges in self.lost.items():
+            out.append(f"  unreadable: {what} keys " + ", ".join(ranges[:8])
+                       + (" ..." if len(ranges) > 8 else ""))
+        if self.lost:
+            out.append("runs that lost rows carry a rows_lost event (lmlab status shows it)")
+        out.append("the damaged store is kept as " + ", ".join(str(p) for p in self.kept))
+        return out
 
 
 def diagnose(directory: Path) -> Diagnosis:

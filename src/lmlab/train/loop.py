@@ -68,7 +68,7 @@ def train(cfg: RunConfig, run_id: str, store: Store, run_dir: Path, *, base: Pat
     if len(data.splits["valid"]) < 2:
         raise UserError(f"the validation split of {data.corpus.name} is empty", field="data")
     learner = build_learner(cfg, data.tokenizer.vocab_size, device)
-    batcher = TrainBatcher(data.splits["train"], cfg.train.seed, cfg.train.seq_len)
+    batcher = TrainBatcher(data.splits["train"], cfg.train.data_seed_used, cfg.train.seq_len)
     probe_x = next(iter_eval_batches(data.splits["valid"], cfg.train.seq_len, 4, 1))[0]
     diagnostics = Diagnostics(cfg.evaluation.diagnostics, learner.raw, probe_x.to(device))
     schedule = build_schedule(cfg.schedule)

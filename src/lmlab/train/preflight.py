@@ -57,7 +57,7 @@ def preflight_config(cfg: RunConfig, lr: float | None = None,
     if lr is not None:
         tree["optimizer"]["lr"] = lr
     tree["schedule"] = {"name": "constant"}
-    tree["train"].update(seed=0, label_smoothing=0.0, z_loss=0.0, ema_decay=None)
+    tree["train"].update(seed=0, init_seed=None, data_seed=None, label_smoothing=0.0, z_loss=0.0, ema_decay=None)
     return RunConfig.model_validate(tree)
 
 

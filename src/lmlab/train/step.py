@@ -139,7 +139,7 @@ def build_learner(cfg: RunConfig, vocab_size: int, device: torch.device) -> Lear
     """Seed, build and place the model; its optimizer, grad scaler and EMA. Activation
     checkpointing is applied from outside the model; compiling is the caller's choice."""
     tc = cfg.train
-    torch.manual_seed(tc.seed)
+    torch.manual_seed(tc.init_seed_used)
     model = build_run_model(cfg, vocab_size).to(device)
     apply_activation_checkpointing(model, tc.activation_checkpointing)
     if device.type == "cuda":

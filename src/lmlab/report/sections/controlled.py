@@ -11,6 +11,7 @@ from functools import partial
 
 import numpy as np
 
+from lmlab.config import flatten
 from lmlab.names import PER_SEED_PATHS
 from lmlab.report.format import NA, Item, fmt_value, integer
 from lmlab.report.inputs import ReportInputs
@@ -205,10 +206,28 @@ def _seeds_by_arm(inputs: ReportInputs) -> dict[str, list[int]]:
 
 
 def _seed_policy(inputs: ReportInputs) -> str:
+    """The seeds every arm ran and what each seed fixed, as the runs recorded it (their
+    ``train.init_seed`` / ``train.data_seed``), with the policy that set it."""
     by_arm = _seeds_by_arm(inputs)
     seeds = next(iter(by_arm.values()), [])
+    policy = inputs.spec.controlled.seed_policy if inputs.spec else None
     if len({tuple(s) for s in by_arm.values()}) <= 1:
-        return (f"every arm runs seeds {', '.join(map(str, seeds))}; a seed fixes the "
-                "initialisation, the data order and dropout")
-    return "NOT the same seeds in every arm: " + "; ".join(
-        f"{arm}: {', '.join(map(str, s))}" for arm, s in by_arm.items())
+        text = f"every arm runs seeds {', '.join(map(str, seeds))}"
+    else:
+        text = "NOT the same seeds in every arm: " + "; ".join(
+            f"{arm}: {', '.join(map(str, s))}" for arm, s in by_arm.items())
+    if policy is not None:
+        text += ("; random numbers shared across arms (seed s of every arm draws the same ones: "
+                 "common random numbers)" if policy.shares_random_numbers else
+                 "; random numbers drawn per arm (no two arms share them)")
+    parts = []
+    for label, key in (("initialisation and dropout", "train.init_seed"),
+                       ("data order", "train.data_seed")):
+        used = {flatten(r.config).get(key) for r in inputs.exp.runs}
+        if not used or used == {None}:
+            parts.append(f"{label} from the run's seed")
+        elif len(used) == 1:
+            parts.append(f"{label} fixed at seed {used.pop()} in every run")
+        else:
+            parts.append(f"{label} from a per-arm stream of the seed")
+    return text + "; " + ", ".join(parts)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lmlab.analysis.verdict import describe_check
 from lmlab.report.inputs import ReportInputs
 
 
@@ -30,4 +29,4 @@ def section(inputs: ReportInputs) -> Hypothesis | None:
         return None
     h = inputs.spec.hypothesis
     return Hypothesis(h.mechanism, h.prediction, h.falsification,
-                      [describe_check(c) for c in h.checks])
+                      [c.label() for c in h.checks])

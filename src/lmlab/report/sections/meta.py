@@ -37,7 +37,11 @@ def section(inputs: ReportInputs) -> Meta:
     seeds_run = sorted({r.seed for r in exp.runs})
     seeds_spec = spec.meta.seeds if spec else seeds_run
     seeds = ", ".join(map(str, seeds_spec)) or NA
-    if spec and set(seeds_run) != set(seeds_spec) and seeds_run:
+    added = sorted(set(seeds_run) - set(seeds_spec))
+    if exp.sequential and added:
+        seeds += (f" declared; {', '.join(map(str, added))} added until settled "
+                  f"({len(exp.sequential.get('looks', []))} looks, see section 9)")
+    elif spec and set(seeds_run) != set(seeds_spec) and seeds_run:
         seeds += f" (runs in the store: {', '.join(map(str, seeds_run))})"
     versions = Counter((p.get("torch_version"), p.get("lmlab_version"), p.get("python_version"))
                        for p in provs)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from lmlab.analysis.findings import Progress, WorseAtEnd
 from lmlab.analysis.records import RunRecord
 from lmlab.names import INSTABILITY_EVENTS, UNFINISHED, Event, Status
 from lmlab.report.format import (
@@ -66,16 +67,22 @@ def _run_row(r: RunRecord) -> list[str]:
 def _notes(inputs: ReportInputs, arm: str) -> list[str]:
     f = inputs.findings
     notes = []
+    tied = [t.arm for t in f.tied]
     if arm == f.best:
-        notes.append(f"best {inputs.primary}")
+        notes.append(f"best mean {inputs.primary}, within noise of {', '.join(tied)}" if tied
+                     else f"best {inputs.primary}")
+    elif arm in tied:
+        notes.append(f"within noise of the best ({f.best})")
     if arm == inputs.exp.reference and len(inputs.arms) > 1:
         notes.append("reference")
     counts = inputs.arms[arm].status_counts
     notes += [f"{counts[s]} {s.replace('_', ' ')}" for s in NOTED_STATUSES if counts.get(s)]
     if arm in f.spikes:
         notes.append(plural(f.spikes[arm].count, "loss spike"))
-    if arm in f.under_trained:
-        notes.append("still improving at the end")
+    progress = f.progress.get(arm)
+    if progress is not None and progress.state != "flat":
+        notes.append("still improving at the end" if progress.state == "improving" else
+                     "worse over its last evaluations")
     return notes
 
 
@@ -90,12 +97,8 @@ def observations(inputs: ReportInputs) -> list[str]:
                    f"seeds; the largest (z = {sig(d.get('z'), 3)}) at step "
                    f"{s.worst['step']:,} of seed {s.worst_seed}, loss {sig(d.get('loss'))} "
                    f"against a running mean of {sig(d.get('mean'))}.")
-    for arm, u in f.under_trained.items():
-        spread = (f"more than the seed spread ({fixed(u.spread, 4)})" if u.spread is not None
-                  else "more than 1% of the loss (one seed: no spread)")
-        out.append(f"{arm} was still improving at the end: validation loss fell by "
-                   f"{fixed(u.drop, 4)} over the last {u.intervals} evaluations, {spread}; "
-                   "under-trained at this budget.")
+    out += [_progress_line(arm, p) for arm, p in f.progress.items()]
+    out += [_worse_line(w) for w in f.worse_at_end]
     out += [f"{d.arm}: its seeds disagree — the std of {inputs.primary} over seeds "
             f"({sig(d.std, 3)}) is at least the gap to the nearest arm ({sig(d.gap, 3)}), so its "
             "rank among the arms is not reliable." for d in f.disagreeing]
@@ -139,6 +142,36 @@ def observations(inputs: ReportInputs) -> list[str]:
     if not started:
         out.insert(0, "No run has logged anything yet." if runs else "No runs in the store yet.")
     return out
+
+
+def _progress_line(arm: str, p: Progress) -> str:
+    """Where an arm's training stood at the end, against the seed noise, said either way."""
+    noise = (f"the seed spread of its final loss ({fixed(p.spread, 4)})" if p.spread is not None
+             else f"1% of the loss ({fixed(p.yardstick, 4)}; one seed: no spread)")
+    over = f"over its last {p.intervals} evaluation intervals"
+    if p.capped:
+        over += (" (on the capped periodic evaluations: the final full-split one measures "
+                 "different text)")
+    if p.state == "improving":
+        return (f"{arm} was still improving at the end: validation loss fell by "
+                f"{fixed(p.drop, 4)} {over}, more than {noise}; under-trained at this budget.")
+    if p.state == "worsening":
+        return (f"{arm} got worse at the end: validation loss rose by {fixed(-p.drop, 4)} {over},"
+                f" more than {noise}; stalled or over-fitting at this budget.")
+    return (f"{arm} had flattened by the end: validation loss "
+            f"{'fell' if p.drop >= 0 else 'rose'} by only {fixed(abs(p.drop), 4)} {over}, "
+            f"within {noise}; not under-trained at the precision these seeds give.")
+
+
+def _worse_line(w: WorseAtEnd) -> str:
+    which = ("last periodic evaluation (capped, like the one before it; the final full-split "
+             "one measures different text)" if w.capped else "last evaluation")
+    noise = ("one seed in its arm: no spread to judge the rise by" if w.beyond_noise is None
+             else f"{'more than' if w.beyond_noise else 'within'} the seed spread of its arm "
+                  f"({fixed(w.spread, 4)})")
+    return (f"{w.run_id} got worse at its {which}: validation loss {fixed(w.before.loss, 4)} at "
+            f"step {w.before.step:,} → {fixed(w.last.loss, 4)} at step {w.last.step:,} "
+            f"({w.rise:+.4f}, {noise}).")
 
 
 def _event_line(r: RunRecord, e: dict) -> str | None:

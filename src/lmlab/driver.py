@@ -1,0 +1,187 @@
+"""Runs an experiment's rounds through :mod:`lmlab.execute`, judging with :mod:`lmlab.analysis`
+between them: ``lmlab run SPEC --until-settled``.
+
+A fixed design is one round: the declared seeds. An until-settled design (``analysis.
+until_settled`` or ``--until-settled``) fixes, before anything runs, the rounds of seeds every
+arm will get (the declared ones, then ``seeds_per_round`` more per round up to ``max_seeds``);
+after each round it looks at the data with the group-sequential levels of
+:mod:`lmlab.analysis.sequential` and stops as soon as every check is supported or refuted, or
+when the cap is reached. Each round is recorded in the store before it runs and each look after
+it is judged (``RESULT_SEQUENTIAL``: the design, the rounds started, every look with its
+boundaries and decisions, and where it stopped), so a killed experiment resumes mid-round
+(``lmlab run`` again: completed runs are skipped, interrupted ones resume from their
+checkpoints) and the report shows every look.
+
+The design cannot change once the first round has started: the boundaries depend on the cap,
+and changing it after a look would let the data choose the test.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmlab.analysis.checks import is_test
+from lmlab.analysis.sequential import Design, Level
+from lmlab.analysis.summary import load_experiment, summarize_arms
+from lmlab.analysis.verdict import HypothesisVerdict, judge_experiment
+from lmlab.errors import UserError
+from lmlab.execute.experiment import check_hardware, open_experiment, run_experiment
+from lmlab.names import FINISHED, RESULT_SEQUENTIAL, STORE_FILE
+from lmlab.spec.expand import Plan, check_until_settled, expand, seed_rounds, spec_checks
+from lmlab.store import Store
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What ``run`` did: every run's final status, the preflight record, where an older
+    experiment was moved to, and for an until-settled design its record and last verdict."""
+
+    results: dict[str, str]
+    preflight: dict[str, Any] | None
+    moved: Path | None
+    sequential: dict[str, Any] | None = None
+    verdict: HypothesisVerdict | None = None
+
+    @property
+    def unfinished(self) -> bool:
+        return any(s not in FINISHED for s in self.results.values())
+
+
+def design_of(plan: Plan, until_settled: bool | None = None,
+              max_seeds: int | None = None) -> Design | None:
+    """The until-settled design the spec (or the command line's overrides) asks for; None for
+    a fixed design."""
+    spec = plan.spec
+    a = spec.analysis
+    if not (a.until_settled if until_settled is None else until_settled):
+        return None
+    cap = max_seeds if max_seeds is not None else a.max_seeds
+    if max_seeds is not None:
+        try:
+            check_until_settled(spec, plan.doc, cap, "analysis.max_seeds")
+        except UserError as e:  # the number came from the command line, not the spec
+            raise UserError(e.message.replace("max_seeds", "--max-seeds"),
+                            field="--max-seeds") from None
+    else:
+        check_until_settled(spec, plan.doc, cap, "analysis.max_seeds")
+    assert cap is not None
+    rounds = seed_rounds(spec, cap, a.seeds_per_round)
+    return Design(tuple(tuple(r) for r in rounds), a.alpha)
+
+
+def run(plan: Plan, out_dir: Path, *, until_settled: bool | None = None,
+        max_seeds: int | None = None, skip_preflight: bool = False, force_new: bool = False,
+        parallel: int | None = None) -> Outcome:
+    """Run the experiment in ``out_dir``: its declared seeds, or round after round until
+    settled. Rerun to resume; a design already started continues as recorded."""
+    asked = design_of(plan, until_settled, max_seeds)
+    stored = None if force_new else _stored(out_dir)
+    if stored is not None:
+        design = Design.from_json(stored["design"])
+        if asked is not None and asked != design:
+            raise UserError(
+                f"{out_dir} is an until-settled experiment whose design was fixed before its "
+                f"first look (rounds {_rounds_text(design)}, α = {design.alpha:g}); this run asks "
+                f"for rounds {_rounds_text(asked)}, α = {asked.alpha:g}. Changing the design "
+                "after a look would let the data choose the test: keep it, or use another "
+                "--out (or --force-new to move these results aside)", file=str(plan.doc.path))
+        record = stored
+    elif asked is not None:
+        design = asked
+        record = {"design": design.to_json(), "rounds_started": 1, "looks": [], "stopped": None}
+    else:
+        done = run_experiment(plan, out_dir, skip_preflight=skip_preflight, force_new=force_new,
+                              parallel=parallel)
+        return Outcome(done["results"], done["preflight"], done["moved"])
+
+    grow = asked is not None
+    moved, verdict = None, None
+    while True:
+        look = int(record["rounds_started"])
+        seeds = sorted(design.seeds_through(look))
+        round_plan = expand(plan.spec, plan.doc, seeds=seeds)
+        check_hardware(round_plan)
+        moved = moved or open_experiment(round_plan, out_dir, force_new=force_new)
+        force_new = False  # the old results are aside; the next rounds extend this experiment
+        _put(out_dir, record)  # the round is on record before any of its runs starts
+        done = run_experiment(round_plan, out_dir, skip_preflight=skip_preflight,
+                              parallel=parallel)
+        outcome = Outcome(done["results"], done["preflight"], moved, record)
+        if outcome.unfinished:  # interrupted or failed: judge nothing until the round is whole
+            return outcome
+        exp = load_experiment(out_dir)
+        verdict = judge_experiment(exp, summarize_arms(exp), looks=look)
+        record["looks"] = [*record["looks"][:look - 1], _look_record(verdict, look, seeds)]
+        open_ = _open_claims(verdict)
+        if not open_:
+            record["stopped"] = {"look": look, "reason": "every check is supported or refuted"}
+        elif look >= len(design.rounds):
+            record["stopped"] = {"look": look, "reason": (
+                f"the cap of {design.max_seeds} seeds per arm was reached with "
+                f"{len(open_)} check{'s' if len(open_) != 1 else ''} still inconclusive")}
+        if record["stopped"] is not None or not grow:
+            _put(out_dir, record)
+            return Outcome(done["results"], done["preflight"], moved, record, verdict)
+        record["rounds_started"] = look + 1
+        _put(out_dir, record)
+
+
+def plan_rounds(plan: Plan, design: Design,
+                estimates: dict[str, float | None] | None = None) -> list[dict[str, Any]]:
+    """What an until-settled experiment may run, round by round: its seeds, its runs, their
+    expected seconds (from ``estimates`` by run id) and the running total (the last one is the
+    worst case), and the p-value a check must reach at each look (planned information, each of
+    the spec's tests at its first Holm share: the boundaries loosen as checks settle)."""
+    tests = sum(is_test(c) for _, c in spec_checks(plan.spec)) or 1
+    share = design.alpha / tests
+    full = expand(plan.spec, plan.doc, seeds=sorted(design.seeds_through(len(design.rounds))))
+    out, total, fractions = [], 0.0, []
+    for k, seeds in enumerate(design.rounds, 1):
+        runs = [r for r in full.runs if r.seed in seeds]
+        known = [estimates.get(r.run_id) for r in runs] if estimates else []
+        expected = sum(e for e in known if e is not None) if known and None not in known else None
+        total = total + expected if expected is not None else total
+        fractions.append(design.fraction(len(design.seeds_through(k)), k))
+        out.append({"round": k, "seeds": list(seeds), "runs": [r.run_id for r in runs],
+                    "seeds_per_arm": len(design.seeds_through(k)),
+                    "expected_s": expected, "cumulative_s": total if expected is not None else None,
+                    "boundary_p": Level(share, tuple(fractions)).two_sided})
+    return out
+
+
+# -- the record --------------------------------------------------------------------------------
+
+
+def _stored(out_dir: Path) -> dict[str, Any] | None:
+    if not (out_dir / STORE_FILE).exists():
+        return None
+    with Store.open(out_dir) as store:
+        return store.get_result(RESULT_SEQUENTIAL)
+
+
+def _put(out_dir: Path, record: dict[str, Any]) -> None:
+    with Store.open(out_dir) as store:
+        store.put_result(RESULT_SEQUENTIAL, record)
+
+
+def _open_claims(verdict: HypothesisVerdict) -> list[str]:
+    results = [*verdict.checks, *(r for _, r in verdict.outcomes if r is not None)]
+    return [r.description for r in results if not r.settled]
+
+
+def _look_record(verdict: HypothesisVerdict, look: int, seeds: list[int]) -> dict[str, Any]:
+    """One look as the store keeps it: what each check's test gave, the boundary it had to
+    reach, and the decision."""
+    results = [*verdict.checks, *(r for _, r in verdict.outcomes if r is not None)]
+    return {"look": look, "seeds": seeds, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "verdict": verdict.overall, "settled": not _open_claims(verdict),
+            "checks": [{"check": r.description, "verdict": r.verdict, "p": r.p,
+                        "boundary_p": r.threshold, "decided_at_look": r.look,
+                        "n_arm": r.n_arm, "n_ref": r.n_ref} for r in results]}
+
+
+def _rounds_text(design: Design) -> str:
+    return " | ".join(",".join(map(str, r)) for r in design.rounds)
