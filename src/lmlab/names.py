@@ -69,6 +69,7 @@ STEP_TIME = "step_time_s"  # per log interval: training seconds per step
 TOKENS_PER_S = "tokens_per_s"  # per log interval: training tokens per training second
 PEAK_MEM = "peak_mem_bytes"  # per log interval: peak memory so far (CUDA allocated, or RSS)
 PEAK_MEM_RESERVED = "peak_mem_reserved_bytes"  # CUDA only: the caching allocator's peak
+MFU = "mfu"  # per log interval: model FLOPs/s over the device's peak (lmlab.train.mfu), when known
 
 # An evaluation logs ``{split prefix}_{key}`` for each key: val_loss, val_ppl, ..., test_bpb.
 EVAL_KEYS = ("loss", "ppl", "bpb", "word_ppl")
