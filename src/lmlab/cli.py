@@ -94,6 +94,11 @@ def status(
     out.print(table)
 
 
+PACK_HELP = ("auto | off | N: train runs of one shape (seeds, arms that only change numbers) "
+             "together as one stacked model, each with its own record (default: the spec's "
+             "execution.pack, off)")
+
+
 def _plan(spec: Path):
     from lmlab.spec.expand import load_plan
 
@@ -147,31 +152,45 @@ def plan(
     spec: Annotated[Path, typer.Argument(help="an experiment spec YAML")],
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False,
     no_estimate: Annotated[bool, typer.Option("--no-estimate", help="skip timing real steps")] = False,
+    pack: Annotated[str | None, typer.Option("--pack", help=PACK_HELP)] = None,
 ) -> None:
-    """The table of runs and their expected wall-clock (timed on a few real steps per shape)."""
+    """The table of runs and their expected wall-clock (timed on a few real steps per shape),
+    and the packs they train in."""
     from lmlab.execute.experiment import estimate, prepare_plan_data
+    from lmlab.execute.pack import annotate, parse_pack, plan_packs
 
     p = _plan(spec)
+    option = parse_pack(pack) if pack is not None else parse_pack(p.spec.execution.pack)
     if no_estimate:
-        record = p.to_json()
+        record = annotate(p.to_json(), plan_packs(p, option))
     else:
         with console.status("timing a few real steps of each shape..."), p.doc.located("controlled"):
-            record = estimate(p, None, prepare_plan_data(p))
+            record = estimate(p, None, prepare_plan_data(p), option)
+    packed = any(r.get("pack") for r in record["runs"])
     if as_json:
         out.print_json(json.dumps(record))
         return
     table = Table(title=f"{p.spec.meta.name}: {len(p.runs)} runs, {p.spec.comparison_axis}")
-    for col in ("run", "arm", "seed", *p.variables, "tokens", "steps", "eff. batch", "expected"):
+    for col in ("run", "arm", "seed", *p.variables, "tokens", "steps", "eff. batch",
+                *(["pack"] if packed else []), "expected"):
         table.add_column(col)
     for r in record["runs"]:
         est = r.get("estimate_s")
         table.add_row(r["run_id"], r["arm"], str(r["seed"]),
                       *[_fmt(r["values"].get(v, "")) for v in p.variables],
                       _fmt(r["tokens"]), _fmt(r["steps"]), str(r["effective_batch"]),
+                      *([r.get("pack") or "-"] if packed else []),
                       f"{est:.0f} s" if est is not None else "-")
     out.print(table)
+    for unit in record.get("packs", []):
+        est = unit["estimate_s"]
+        out.print(f"pack {unit['name']}: {len(unit['runs'])} runs as one stacked model "
+                  f"({', '.join(unit['runs'])})" + (f", expected {est:.0f} s" if est else ""))
     if record.get("estimate_total_s") is not None:
         out.print(f"expected wall-clock in total: {record['estimate_total_s'] / 60:.1f} min "
+                  "(runs and packs in sequence on this machine; a packed run's figure is its "
+                  "share of its pack's)" if packed else
+                  f"expected wall-clock in total: {record['estimate_total_s'] / 60:.1f} min "
                   "(runs in sequence on this machine)")
 
 
@@ -211,21 +230,24 @@ def run(
                                             "old results aside and start a new experiment")] = False,
     parallel: Annotated[int | None, typer.Option(min=1, help="concurrent runs (default: one "
                                                  "per GPU, or one on CPU)")] = None,
+    pack: Annotated[str | None, typer.Option("--pack", help=PACK_HELP)] = None,
     fallback_corpus: Annotated[Path | None, typer.Option(
         "--fallback-corpus", help="if WikiText-2 cannot be found or downloaded, train on this "
         "local corpus folder instead (recorded and reported under its own name)")] = None,
 ) -> None:
     """Preflight, then every arm x seed, each in its own process. Rerun to resume."""
     from lmlab.execute.experiment import run_experiment
+    from lmlab.execute.pack import parse_pack
     from lmlab.names import STORE_FILE, Status
 
+    option = parse_pack(pack) if pack is not None else None
     p = _plan(spec)
     if fallback_corpus is not None:
         p = _with_fallback(p, fallback_corpus)
     out_dir = out_dir or Path("runs") / p.spec.meta.name
     with p.doc.located("controlled"):
         result = run_experiment(p, out_dir, skip_preflight=skip_preflight, force_new=force_new,
-                                parallel=parallel)
+                                parallel=parallel, pack=option)
     if result["moved"]:
         console.print(f"previous results moved to {result['moved']}")
     counts: dict[str, int] = {}

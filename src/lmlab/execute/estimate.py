@@ -12,6 +12,10 @@ come from that short run, made in a worker process exactly as ``lmlab run`` make
 
 where the counts follow the run's budget and cadences. ``benchmarks/plan_estimate.py`` checks the
 estimate against real runs.
+
+A pack (``lmlab.execute.pack``) is timed the same way, as a short packed run of as many members
+in the pack's worker process: its step time is the pack's, its set-up one process's, and each
+member adds its own evaluations and probes. A packed run's estimate is its share of its pack's.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +55,10 @@ class ShapeTiming:
     probe_s: float  # one diagnostics probe
 
 
-def time_shape(cfg: RunConfig, data: DataBundle, base: Path | None = None) -> ShapeTiming:
+def time_shape(cfg: RunConfig, data: DataBundle, base: Path | None = None,
+               members: int = 1) -> ShapeTiming:
+    """The timings of ``cfg``'s shape, trained solo or, with ``members`` > 1, as a pack of that
+    many (then ``step_s`` is the pack's step and ``setup_s`` the pack's process)."""
     # A short real run without diagnostics: its time is set-up, steps, the step-0 evaluation and
     # the final (full) one, each of which is also timed on its own below.
     tree = cfg.model_dump(mode="json")
@@ -61,20 +69,24 @@ def time_shape(cfg: RunConfig, data: DataBundle, base: Path | None = None) -> Sh
         layer_grad_norms=False, norm_grad_norms=False, activation_norms=False,
         attention_entropy=False, update_ratio=False)
     tree["cadence"] = {"log_every_steps": 1, "checkpoint_every_steps": 10**9}
-    probe_cfg = RunConfig.model_validate(tree)
+    ids = [f"estimate-{i}" for i in range(members)]
     with tempfile.TemporaryDirectory() as tmp:
         with Store.open(Path(tmp)) as store:
-            store.add_run("estimate", "estimate", 0, probe_cfg.to_json(), probe_cfg.config_hash)
+            for i, rid in enumerate(ids):
+                tree["train"]["seed"] = i
+                probe_cfg = RunConfig.model_validate(tree)
+                store.add_run(rid, "estimate", i, probe_cfg.to_json(), probe_cfg.config_hash)
         # In a worker process, as `lmlab run` does: the time around the steps and evaluations
         # (interpreter, imports, data loading, provenance, store, checkpoint) is part of a run.
-        cmd = [sys.executable, "-m", "lmlab.execute.worker", tmp, "estimate"]
+        module = "lmlab.execute.pack" if members > 1 else "lmlab.execute.worker"
+        cmd = [sys.executable, "-m", module, tmp, *ids]
         if base is not None:
             cmd += ["--base", str(base)]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, capture_output=True)
         total = time.perf_counter() - t0
         with Store.open(Path(tmp)) as store:
-            rows = store.metrics("estimate", [STEP_TIME]).get(STEP_TIME, [])
+            rows = store.metrics(ids[0], [STEP_TIME]).get(STEP_TIME, [])
     times = [r.value for r in rows[WARMUP_STEPS:]] or [r.value for r in rows]
     step_s = statistics.median(times)
 
@@ -93,7 +105,7 @@ def time_shape(cfg: RunConfig, data: DataBundle, base: Path | None = None) -> Sh
     t0 = time.perf_counter()
     Diagnostics(cfg.evaluation.diagnostics, model, probe_x).probe()
     probe_s = time.perf_counter() - t0
-    setup_s = max(0.0, total - step_s * PROBE_STEPS - eval_s - final_eval_s)
+    setup_s = max(0.0, total - step_s * PROBE_STEPS - members * (eval_s + final_eval_s))
     model.to("cpu")  # give the accelerator back before the next shape is timed
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -115,7 +127,8 @@ def _n_periodic_evals(run: PlannedRun, steps: int) -> int:
     return n + 1
 
 
-def estimate_run(run: PlannedRun, t: ShapeTiming, test_split_ratio: float) -> float:
+def _training_s(run: PlannedRun, t: ShapeTiming) -> tuple[float, int]:
+    """(training seconds, steps) of ``run`` at ``t``'s step time."""
     cfg = run.config
     if cfg.budget.steps:
         steps = cfg.budget.steps
@@ -124,22 +137,48 @@ def estimate_run(run: PlannedRun, t: ShapeTiming, test_split_ratio: float) -> fl
     else:
         steps = None
     train_s = steps * t.step_s if steps is not None else cfg.budget.wall_clock_s or 0.0
-    n_steps = steps if steps is not None else int(train_s / t.step_s)
+    return train_s, steps if steps is not None else int(train_s / t.step_s)
+
+
+def _watching_s(run: PlannedRun, t: ShapeTiming, steps: int, test_split_ratio: float) -> float:
+    """What ``run`` spends besides its steps and its process: evaluations and probes."""
+    cfg = run.config
     diag = cfg.evaluation.diagnostics
-    probes = -(-n_steps // diag.every_steps) if diag.any_probe else 0
+    probes = -(-steps // diag.every_steps) if diag.any_probe else 0
     test_s = t.final_eval_s * test_split_ratio if cfg.evaluation.test_at_end else 0.0
-    return (t.setup_s + train_s + _n_periodic_evals(run, n_steps) * t.eval_s
-            + t.final_eval_s + probes * t.probe_s + test_s)
+    return (_n_periodic_evals(run, steps) * t.eval_s + t.final_eval_s + probes * t.probe_s
+            + test_s)
 
 
-def estimate_plan(plan: Plan, data: DataBundle) -> dict[str, float]:
-    """{run_id: expected seconds}, timing each distinct shape once."""
-    timings: dict[str, ShapeTiming] = {}
+def estimate_run(run: PlannedRun, t: ShapeTiming, test_split_ratio: float) -> float:
+    train_s, steps = _training_s(run, t)
+    return t.setup_s + train_s + _watching_s(run, t, steps, test_split_ratio)
+
+
+def estimate_pack(runs: Sequence[PlannedRun], t: ShapeTiming, test_split_ratio: float) -> float:
+    """A pack's wall-clock: one process, the steps of its longest member at the pack's step
+    time, and every member's own evaluations and probes."""
+    trained = [_training_s(r, t) for r in runs]
+    return (t.setup_s + max(s for s, _ in trained)
+            + sum(_watching_s(r, t, n, test_split_ratio)
+                  for r, (_, n) in zip(runs, trained, strict=True)))
+
+
+def estimate_plan(plan: Plan, data: DataBundle,
+                  packs: Sequence[Sequence[PlannedRun]] | None = None) -> dict[str, float]:
+    """{run_id: expected seconds}, timing each distinct shape (and pack size) once. With
+    ``packs`` (the units the runs train in), a packed run's figure is its share of its pack's
+    wall-clock, so the figures still add up to the experiment's."""
+    timings: dict[tuple[str, int], ShapeTiming] = {}
     ratio = len(data.splits["test"]) / max(len(data.splits["valid"]), 1)
     out: dict[str, float] = {}
-    for run in plan.runs:
-        key = digest(run.config, "cost")
+    for unit in packs if packs is not None else [[r] for r in plan.runs]:
+        key = (digest(unit[0].config, "cost"), len(unit))
         if key not in timings:
-            timings[key] = time_shape(run.config, data, plan.base)
-        out[run.run_id] = estimate_run(run, timings[key], ratio)
+            timings[key] = time_shape(unit[0].config, data, plan.base, members=len(unit))
+        if len(unit) == 1:
+            out[unit[0].run_id] = estimate_run(unit[0], timings[key], ratio)
+            continue
+        share = estimate_pack(unit, timings[key], ratio) / len(unit)
+        out.update({r.run_id: share for r in unit})
     return out

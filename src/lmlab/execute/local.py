@@ -16,10 +16,9 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -35,6 +34,8 @@ from rich.progress import (
 
 from lmlab.config import RunConfig
 from lmlab.errors import UserError
+from lmlab.execute.pack import Pack
+from lmlab.execute.pack import command as pack_command
 from lmlab.identity import same
 from lmlab.names import FINISHED, RUNS_DIR, TOKENS_PER_S, TRAIN_LOSS, VAL_LOSS, Status
 from lmlab.spec.expand import PlannedRun
@@ -117,9 +118,11 @@ def _devices() -> list[str | None]:
 
 
 def run_sweep(runs: list[PlannedRun], out_dir: Path, *, base: Path | None = None,
-              parallel: int | None = None) -> dict[str, str]:
-    """Run every planned run that is not completed yet, each in its own worker process.
-    Returns {run_id: final status}."""
+              parallel: int | None = None,
+              units: Callable[[list[PlannedRun]], list[Pack]] | None = None) -> dict[str, str]:
+    """Run every planned run that is not completed yet, each in its own worker process, or, with
+    ``units`` (``lmlab.execute.pack.plan_packs`` over the runs left to do), each pack of runs in
+    one. Returns {run_id: final status}."""
     slots = _devices()
     if parallel:
         slots = (slots * parallel)[:parallel] if slots == [None] else slots[:parallel]
@@ -134,29 +137,29 @@ def run_sweep(runs: list[PlannedRun], out_dir: Path, *, base: Path | None = None
     with stop_on_signals() as stop, _progress() as progress, Store.open(out_dir) as store:
         overall = progress.add_task("experiment", total=len(runs) * TICKS, info="")
         progress.update(overall, completed=len(results) * TICKS)
-        active: dict[str, tuple[subprocess.Popen, int, str | None]] = {}
-        queue = list(todo)
+        # One worker process per unit: a run, or a pack of runs (its log is its first run's).
+        active: dict[str, tuple[subprocess.Popen, dict[str, int], str | None]] = {}
+        queue = units(todo) if units is not None else [Pack((r,)) for r in todo]
         free = list(slots)
         while queue or active:
             while queue and free and not stop.is_set():
-                run = queue.pop(0)
+                unit = queue.pop(0)
                 slot = free.pop(0)
                 env = dict(os.environ)
                 if slot is not None:
                     env["CUDA_VISIBLE_DEVICES"] = slot
                 elif len(slots) > 1:  # CPU runs side by side share the cores instead of fighting
                     env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(slots)))
-                cmd = [sys.executable, "-m", "lmlab.execute.worker", str(out_dir), run.run_id]
-                if base is not None:
-                    cmd += ["--base", str(base)]
                 # stderr to a file, never a pipe: a chatty worker (compile logs) would block
                 # on a full pipe that is only read when it exits.
-                log = out_dir / RUNS_DIR / run.run_id / "worker.log"
+                log = out_dir / RUNS_DIR / unit.run_ids[0] / "worker.log"
                 log.parent.mkdir(parents=True, exist_ok=True)
                 with open(log, "ab") as stderr:
-                    proc = subprocess.Popen(cmd, env=env, stderr=stderr, start_new_session=True)
-                task = progress.add_task(run.run_id, total=TICKS, info="starting")
-                active[run.run_id] = (proc, task, slot)
+                    proc = subprocess.Popen(pack_command(unit, out_dir, base), env=env,
+                                            stderr=stderr, start_new_session=True)
+                tasks = {rid: progress.add_task(rid, total=TICKS, info="starting")
+                         for rid in unit.run_ids}
+                active[unit.run_ids[0]] = (proc, tasks, slot)
             if stop.is_set() and not queue and not active:
                 break
             if stop.is_set():
@@ -165,23 +168,26 @@ def run_sweep(runs: list[PlannedRun], out_dir: Path, *, base: Path | None = None
                     if proc.poll() is None:
                         proc.send_signal(signal.SIGINT)
             time.sleep(0.2)
-            for run_id, (proc, task, slot) in list(active.items()):
-                frac = _run_progress(store, run_id, runs)
-                progress.update(task, completed=int(frac * TICKS), info=_run_info(store, run_id))
+            for first, (proc, tasks, slot) in list(active.items()):
+                for run_id, task in tasks.items():
+                    frac = _run_progress(store, run_id, runs)
+                    progress.update(task, completed=int(frac * TICKS),
+                                    info=_run_info(store, run_id))
                 if proc.poll() is None:
                     continue
-                stderr = (out_dir / RUNS_DIR / run_id / "worker.log").read_text(errors="replace")
-                row = store.run(run_id) or {}
-                state = row.get("status", Status.FAILED)
-                if proc.returncode != 0 and state in (Status.RUNNING, Status.PENDING):
-                    state = Status.INTERRUPTED if stop.is_set() else Status.FAILED
-                    store.set_status(run_id, state, error=stderr[-4000:])
-                if state == Status.FAILED:
-                    console.print(f"[red]{run_id} failed[/]\n{stderr[-2000:]}")
-                results[run_id] = state
-                progress.update(task, completed=TICKS, info=state)
-                progress.update(overall, advance=TICKS)
-                del active[run_id]
+                stderr = (out_dir / RUNS_DIR / first / "worker.log").read_text(errors="replace")
+                for run_id, task in tasks.items():
+                    row = store.run(run_id) or {}
+                    state = row.get("status", Status.FAILED)
+                    if proc.returncode != 0 and state in (Status.RUNNING, Status.PENDING):
+                        state = Status.INTERRUPTED if stop.is_set() else Status.FAILED
+                        store.set_status(run_id, state, error=stderr[-4000:])
+                    if state == Status.FAILED:
+                        console.print(f"[red]{run_id} failed[/]\n{stderr[-2000:]}")
+                    results[run_id] = state
+                    progress.update(task, completed=TICKS, info=state)
+                    progress.update(overall, advance=TICKS)
+                del active[first]
                 free.append(slot)
     for r in runs:
         results.setdefault(r.run_id, Status.PENDING)

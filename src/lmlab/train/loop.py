@@ -33,7 +33,7 @@ from lmlab.store.provenance import capture
 from lmlab.train.checkpoint import check_belongs, load_checkpoint, save_checkpoint
 from lmlab.train.diagnostics import Diagnostics
 from lmlab.train.evaluate import evaluate
-from lmlab.train.memory import reset_peak
+from lmlab.train.memory import keep_freed_memory, reset_peak
 from lmlab.train.recorder import Interval, Recorder
 from lmlab.train.state import RunState, StopReason, eval_cadence
 from lmlab.train.step import (
@@ -107,6 +107,7 @@ def train(cfg: RunConfig, run_id: str, store: Store, run_dir: Path, *, base: Pat
     learner.forward = CompileFallback(learner.raw.hidden, cfg.train.compile,
                                       partial(recorder.compile_fallback, state))
     batcher.to(device)  # a GPU gathers its batches from tokens already there
+    keep_freed_memory(device)
     reset_peak(device)
 
     run = Run(run_id, cfg, run_dir, data, learner, diagnostics, state, recorder, cadence)

@@ -58,7 +58,7 @@ from lmlab.train.loop import (
     flops_per_token,
     wrap_up,
 )
-from lmlab.train.memory import reset_peak
+from lmlab.train.memory import keep_freed_memory, reset_peak
 from lmlab.train.recorder import Recorder
 from lmlab.train.state import RunState, StopReason, eval_cadence
 from lmlab.train.step import MicroBatch, build_learner, pack_step, resolve_device
@@ -157,6 +157,7 @@ def _train_group(group: list[_Member], device: torch.device,
     results: list[RunResult] = []
     active = list(group)
     stack, forward = _stack(active)
+    keep_freed_memory(device)
     reset_peak(device)
     try:
         for m in active:
