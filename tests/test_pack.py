@@ -219,6 +219,9 @@ def assert_follows(got: dict, want: dict) -> None:
         assert [(s, t) for s, t, _ in got[name]] == [(s, t) for s, t, _ in series], name
         rtol = PROBE_RTOL if "/" in name else GRAD_RTOL if name == "grad_norm" else LOSS_RTOL
         for (_, _, a), (step, _, b) in zip(got[name], series, strict=True):
+            if not math.isfinite(b):  # a non-finite step's row: non-finite in both
+                assert not math.isfinite(a), (name, step)
+                continue
             assert a == pytest.approx(b, rel=rtol, abs=1e-7), (name, step)
 
 
@@ -265,23 +268,123 @@ def test_a_packed_run_says_so_and_nothing_else_tells_it_apart(seeds_and_arms) ->
 
 
 def test_a_non_finite_member_is_stopped_alone(tmp_path: Path, articles_data: dict) -> None:
-    cfgs = {"ok-s0": tiny(articles_data, budget={"steps": 30}),
-            "bad-s0": tiny(articles_data, budget={"steps": 30}, optimizer={"lr": 1e6},
-                           schedule={"name": "constant"}),
-            "ok-s1": tiny(articles_data, budget={"steps": 30}, train={"seed": 1})}
-    together = packed(cfgs, tmp_path / "packed")
-    alone = solo(cfgs, tmp_path / "solo")
-    bad = together.run("bad-s0")
-    assert bad["status"] == "diverged"
-    (event,) = together.events("bad-s0", "nan")
+    """With the host check (read every step) and the device-side one (fused AdamW skips the
+    update, the flags are read at the log interval), the member that goes non-finite is
+    recorded at its step and stopped; the others go on as their solo runs do."""
+    def cfgs(check: str) -> dict[str, RunConfig]:
+        common = {"budget": {"steps": 30}, "evaluation": {"test_at_end": False},
+                  "cadence": {"log_every_steps": 7}}
+        return {"ok-s0": tiny(articles_data, **common, train={"nonfinite_check": check}),
+                "bad-s0": tiny(articles_data, **common, optimizer={"lr": 1e6, "impl": "fused"},
+                               schedule={"name": "constant"}, train={"nonfinite_check": check}),
+                "ok-s1": tiny(articles_data, **common, train={"seed": 1,
+                                                                "nonfinite_check": check})}
+
+    alone = solo(cfgs("host"), tmp_path / "solo")
     (solo_event,) = alone.events("bad-s0", "nan")
-    assert event["step"] == solo_event["step"] and event["detail"]["note"].startswith("stopped")
-    loss = together.metrics("bad-s0", ["train_loss"])["train_loss"]
-    assert [r.step for r in loss] == list(range(1, event["step"] + 1))
-    assert bad["summary"]["steps"] == event["step"] - 1
-    for rid in ("ok-s0", "ok-s1"):  # the others went on, unperturbed
-        assert together.run(rid)["status"] == "completed"
-        assert_follows(rows(together, rid), rows(alone, rid))
+    for check in ("host", "device"):
+        together = packed(cfgs(check), tmp_path / check)
+        bad = together.run("bad-s0")
+        assert bad["status"] == "diverged" and bad["summary"]["nonfinite_check"] == check
+        (event,) = together.events("bad-s0", "nan")
+        assert event["step"] == solo_event["step"] and event["detail"]["note"].startswith("stop")
+        loss = together.metrics("bad-s0", ["train_loss"])["train_loss"]
+        assert [r.step for r in loss] == list(range(1, event["step"] + 1))
+        assert bad["summary"]["steps"] == event["step"] - 1
+        assert_follows(rows(together, "bad-s0"), rows(alone, "bad-s0"))
+        for rid in ("ok-s0", "ok-s1"):  # the others went on, unperturbed
+            assert together.run(rid)["status"] == "completed"
+            assert_follows(rows(together, rid), rows(alone, rid))
+
+
+def test_an_interrupted_pack_checkpoints_each_member_and_a_member_resumes_solo(
+        tmp_path: Path, articles_data: dict) -> None:
+    cfgs = {f"i-s{s}": tiny(articles_data, train={"seed": s}, budget={"steps": 30},
+                            evaluation={"every_steps": 10}) for s in (0, 1)}
+    reference = packed(cfgs, tmp_path / "ref")
+    out = tmp_path / "int"
+    store = Store.open(out)
+    for rid, cfg in cfgs.items():
+        store.add_run(rid, "arm", cfg.train.seed, cfg.to_json(), cfg.config_hash)
+    calls = {"n": 0}
+
+    def stop_after_some_steps() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 13  # between steps 13 and 14: off every cadence
+
+    members = [Member(rid, cfg, out / "runs" / rid) for rid, cfg in cfgs.items()]
+    results = train_pack(members, store, should_stop=stop_after_some_steps)
+    assert [r.status for r in results] == ["interrupted", "interrupted"]
+    for rid in cfgs:
+        assert (out / "runs" / rid / "checkpoint.pt").exists()
+        assert store.events(rid, "interrupted")[0]["step"] == 13
+    # One member resumes solo from its own checkpoint (its dropout stream, data position and
+    # optimizer state included), the other packed with nobody: both end as the packed run did.
+    train(cfgs["i-s0"], "i-s0", store, out / "runs" / "i-s0")
+    train_pack(members[1:], store)
+    for rid in cfgs:
+        assert store.run(rid)["status"] == "completed"
+        assert_follows(rows(store, rid), rows(reference, rid))
+
+
+def test_members_resumed_at_different_steps_train_as_separate_packs(
+        tmp_path: Path, articles_data: dict) -> None:
+    cfgs = {f"m-s{s}": tiny(articles_data, train={"seed": s}, budget={"steps": 20},
+                            evaluation={"every_steps": 10, "test_at_end": False})
+            for s in (0, 1, 2)}
+    reference = solo(cfgs, tmp_path / "solo")
+    out = tmp_path / "mixed"
+    store = Store.open(out)
+    for rid, cfg in cfgs.items():
+        store.add_run(rid, "arm", cfg.train.seed, cfg.to_json(), cfg.config_hash)
+    calls = {"n": 0}
+
+    def after_7() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 7
+
+    train(cfgs["m-s1"], "m-s1", store, out / "runs" / "m-s1", should_stop=after_7)
+    assert store.run("m-s1")["status"] == "interrupted"
+    results = train_pack([Member(rid, cfg, out / "runs" / rid) for rid, cfg in cfgs.items()],
+                         store)
+    assert [r.status for r in results] == ["completed"] * 3
+    assert store.run("m-s1")["provenance"]["packed"]["members"] == 3
+    for rid in cfgs:
+        assert_follows(rows(store, rid), rows(reference, rid))
+
+
+def test_the_memory_budget_is_the_packs(tmp_path: Path, articles_data: dict,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmlab.model import stacked
+
+    cfgs = {f"b-s{s}": tiny(articles_data, train={"seed": s}, budget={"steps": 10,
+                                                                      "max_memory_mb": 1},
+                            evaluation={"test_at_end": False}) for s in (0, 1)}
+    over = packed(cfgs, tmp_path / "over")
+    for rid in cfgs:
+        assert over.run(rid)["status"] == "over_budget"
+        (event,) = over.events(rid, "over_budget")
+        assert event["step"] == 5 and event["detail"]["peak_mem_of"] == "pack"
+        assert event["detail"]["pack"] == list(cfgs)
+    # Out of memory in the stacked forward (the 4th training step): every member stops over
+    # budget with an oom event and the rows of the steps before.
+    hidden, calls = stacked.StackedGPT.hidden, {"n": 0}
+
+    def failing(self: stacked.StackedGPT, idx: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return hidden(self, idx)
+
+    monkeypatch.setattr(stacked.StackedGPT, "hidden", failing)
+    roomy = {rid: cfg.model_copy(update={"budget": cfg.budget.model_copy(
+        update={"max_memory_mb": None})}) for rid, cfg in cfgs.items()}
+    oom = packed(roomy, tmp_path / "oom")
+    for rid in cfgs:
+        assert oom.run(rid)["status"] == "over_budget"
+        (event,) = oom.events(rid, "oom")
+        assert event["step"] == 3 and event["detail"]["peak_mem_of"] == "pack"
+        assert [r.step for r in oom.metrics(rid, ["train_loss"])["train_loss"]] == [1, 2, 3]
 
 
 def test_a_killed_pack_resumes_to_exactly_the_rows_of_an_uninterrupted_one(
@@ -507,6 +610,13 @@ def test_mfu_is_logged_against_the_stated_peak(tmp_path: Path, articles_data: di
     assert set(mfu) == set(tps) == {5, 10}
     for step, value in mfu.items():
         assert value == pytest.approx(tps[step] * summary["flops_per_token"] / 0.5e12)
+
+
+def test_cpu_runs_keep_freed_memory_for_the_next_step() -> None:
+    from lmlab.train.memory import keep_freed_memory
+
+    assert keep_freed_memory(torch.device("cpu")) is sys.platform.startswith("linux")
+    assert keep_freed_memory(torch.device("cuda")) is False  # CUDA has its caching allocator
 
 
 def test_batches_gathered_from_resident_tokens_equal_the_host_ones(articles_data: dict) -> None:

@@ -130,9 +130,13 @@ class Learner:
                 p.data.copy_(v)
 
     def state_dict(self) -> dict[str, Any]:
-        # A packed member's weights are views into the pack's stacks: saved as their own copies,
-        # or torch.save would write every member's weights into each checkpoint.
-        model = {k: v.clone() if _shares_storage(v) else v for k, v in self.raw.state_dict().items()}
+        # A packed member's weights are views into the pack's stacks: saved as their own copies
+        # (one per tensor, so a tied weight stays one), or torch.save would write every member's
+        # weights into each checkpoint.
+        model, copies = self.raw.state_dict(), {}
+        for k, v in model.items():
+            if _shares_storage(v):
+                model[k] = copies.setdefault(v.data_ptr(), v.clone())
         return {"model": model, "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "ema": self.ema}
 
