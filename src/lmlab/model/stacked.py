@@ -81,6 +81,7 @@ class StackedGPT:
                 # a view of slice i of the stack, so the two are one tensor in memory.
                 p.data = stacked.detach()[i]
             self.weights[name] = stacked
+        self._member_params = [[m.get_parameter(name) for name in self.weights] for m in members]
         first_param = next(iter(self.weights.values()))
         self._offsets = torch.arange(self.n, device=first_param.device).view(-1, 1, 1)
 
@@ -92,10 +93,9 @@ class StackedGPT:
     def member_grads(self) -> None:
         """Point each member parameter's ``.grad`` at its slice of the stacked gradient (a view:
         the member's optimizer, clipping and diagnostics read and scale it in place)."""
-        for name, stacked in self.weights.items():
-            for i, m in enumerate(self.members):
-                p = m.get_parameter(name)
-                p.grad = None if stacked.grad is None else stacked.grad[i]
+        for j, stacked in enumerate(self.weights.values()):
+            for i, params in enumerate(self._member_params):
+                params[j].grad = None if stacked.grad is None else stacked.grad[i]
 
     def zero_grad(self) -> None:
         for stacked in self.weights.values():

@@ -116,6 +116,9 @@ def train_pack(members: Sequence[Member], store: Store, *, base: Path | None = N
         raise UserError(f"the validation split of {data.corpus.name} is empty", field="data")
     ids = [m.run_id for m in members]
     live = [_set_up(m, ids, store, data, device) for m in members]
+    wait: dict[int, float] = {}
+    for m in live:
+        m.run.recorder.pack_wait = wait
     results: dict[str, RunResult] = {}
 
     # ---- train: members resumed at one step train as one pack ---------------------------------

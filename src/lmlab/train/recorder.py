@@ -85,6 +85,8 @@ class Recorder:
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops(device, cfg.train.precision, cfg.train.tf32)
         self.pack: list[str] | None = None  # the run ids of its pack, when packed
+        # A pack's members share one wait for the device (see settle): {step: seconds}.
+        self.pack_wait: dict[int, float] | None = None
         self.max_mem = cfg.budget.max_memory_mb * 2**20 if cfg.budget.max_memory_mb else None
         self.pending: list[StepRow] = []
         self.spikes = SpikeDetector.from_config(self.diag)
@@ -175,6 +177,11 @@ class Recorder:
         # time and tokens/sec stay exact, rows inside an interval carry the host's clock.
         waited = time.perf_counter() - t0
         last = self.pending[-1]
+        if self.pack_wait is not None:  # the first member to read waited for the whole pack
+            if last.at.step not in self.pack_wait:
+                self.pack_wait.clear()
+                self.pack_wait[last.at.step] = waited
+            waited = self.pack_wait[last.at.step]
         last.at = last.at._replace(seconds=last.at.seconds + waited)
         state.seconds += waited
         i = next((i for i, r in enumerate(self.pending) if r.bad), None)
