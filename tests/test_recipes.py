@@ -177,11 +177,19 @@ def test_lr_multipliers_apply_per_group_for_every_optimizer(run, articles_data, 
 
 def _first_batch_grads(model: torch.nn.Module, initial: dict[str, torch.Tensor],
                        data: DataBundle, seed: int) -> dict[str, torch.Tensor]:
-    """Gradient of plain CE at the initial weights on the loop's first training batch."""
+    """Gradient of plain CE at the initial weights on the loop's first training batch, computed
+    as the loop computes it (the fused head and loss): where a gradient is at rounding level (a
+    key bias's, analytically zero), AdamW's first step lr·g/(|g|+eps) follows its rounding."""
+    from lmlab.train.loss import linear_cross_entropy
+
     probe = copy.deepcopy(model)
     probe.load_state_dict(initial, strict=False)
     x, y = TrainBatcher(data.splits["train"], seed, SEQ).batch(0, BATCH, SEQ)
-    F.cross_entropy(probe(x).flatten(0, 1), y.flatten()).backward()
+    hidden = probe.hidden(x).flatten(0, 1)[None]
+    reference, objective = linear_cross_entropy(hidden, probe.lm_head.weight[None],
+                                                y.flatten()[None])
+    torch.testing.assert_close(reference[0], F.cross_entropy(probe(x).flatten(0, 1), y.flatten()))
+    objective.sum().backward()
     return {n: p.grad for n, p in probe.named_parameters()}
 
 

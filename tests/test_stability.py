@@ -269,7 +269,9 @@ def test_out_of_memory_ends_the_run_over_budget_with_its_rows(
                 if calls["n"] == 7:
                     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-        model.register_forward_pre_hook(hook)
+        # On the first block: training calls the model's body (``GPT.hidden``; the head is fused
+        # with the loss), not its ``__call__``.
+        model.blocks[0].register_forward_pre_hook(hook)
         return model
 
     monkeypatch.setattr(step_module, "build_model", build_failing)

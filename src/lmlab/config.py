@@ -169,7 +169,14 @@ class TrainConfig(_Config):
     seq_len: int = Field(256, ge=2)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     tf32: bool = True
-    compile: Literal["off", "default", "max-autotune"] = "off"
+    # torch.compile's mode ("reduce-overhead": CUDA graphs, for small launch-bound models); the
+    # eager model is the fallback when compiling fails (a compile_fallback event).
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune",
+                     "max-autotune-no-cudagraphs"] = "off"
+    # How a non-finite step is kept from being applied (lmlab.train.step): "host" reads the
+    # flag every step; "device" lets torch's fused AdamW/SGD skip it on the device and reads the
+    # flags at the log interval; "auto": "device" on CUDA where the optimizer can.
+    nonfinite_check: Literal["auto", "host", "device"] = "auto"
     # 0: none; 1: every block; k: every k-th block.
     activation_checkpointing: int = Field(0, ge=0)
     grad_clip: float | None = Field(1.0, gt=0)

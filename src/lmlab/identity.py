@@ -14,6 +14,12 @@ Every identity lmlab uses derives from :func:`identity`:
 - ``cost``: what a training step costs: the trajectory without the values that only change the
   numbers (learning rates, betas, decay, schedule, clip, init scale, seed) and without the
   budget. The plan times one probe run per cost identity.
+- ``shape``: what a packed run's members must share (``lmlab.train.pack``): every tensor shape
+  and kernel of the forward and backward pass. Ignored: the numbers (as for ``cost``), each
+  member's own optimizer and schedule (a member steps its own optimizer over its own weights),
+  dropout rates, loss terms and EMA (each member applies its own), and the budget and
+  evaluation (a member that finishes first leaves the pack). Runs with one shape identity and
+  nothing ``lmlab.train.pack.unpackable`` objects to can train as one stacked model.
 
 ``run_id(arm, seed)`` names a run, everywhere.
 """
@@ -28,7 +34,7 @@ from typing import Any, Literal
 from lmlab.config import RunConfig, flatten
 from lmlab.names import PER_SEED_PATHS
 
-Aspect = Literal["run", "trajectory", "arm", "preflight", "cost"]
+Aspect = Literal["run", "trajectory", "arm", "preflight", "cost", "shape"]
 
 # Values that change the numbers a step computes, never its shapes, kernels or cost.
 NUMERIC_ONLY = ("optimizer.lr", "optimizer.muon_lr", "optimizer.betas", "optimizer.eps",
@@ -36,6 +42,9 @@ NUMERIC_ONLY = ("optimizer.lr", "optimizer.muon_lr", "optimizer.betas", "optimiz
                 "optimizer.head_lr_mult", "schedule", "train.grad_clip", "model.init_std",
                 "model.scaled_init", *sorted(PER_SEED_PATHS))
 WATCHING = ("evaluation", "cadence")  # how a run is observed, not what it trains
+# What each member of a packed run applies on its own, whatever its packmates do.
+PER_MEMBER = ("optimizer", "schedule", "model.dropout", "train.label_smoothing", "train.z_loss",
+              "train.ema_decay", "train.nonfinite_check")
 
 IGNORED: dict[str, tuple[str, ...]] = {
     "run": (),
@@ -46,6 +55,7 @@ IGNORED: dict[str, tuple[str, ...]] = {
     # counted by the estimate itself.
     "cost": (*NUMERIC_ONLY, "budget", "evaluation.every_tokens", "evaluation.every_steps",
              "evaluation.every_seconds"),
+    "shape": (*NUMERIC_ONLY, *PER_MEMBER, "budget", *WATCHING),
 }
 
 

@@ -76,6 +76,7 @@ STEP_TIME = "step_time_s"  # per log interval: training seconds per step
 TOKENS_PER_S = "tokens_per_s"  # per log interval: training tokens per training second
 PEAK_MEM = "peak_mem_bytes"  # per log interval: peak memory so far (CUDA allocated, or RSS)
 PEAK_MEM_RESERVED = "peak_mem_reserved_bytes"  # CUDA only: the caching allocator's peak
+MFU = "mfu"  # per log interval: model FLOPs/s over the device's peak (lmlab.train.mfu), when known
 
 # The curves every run logs (besides evaluations and diagnostics): what a curve statistic reads.
 LOGGED_CURVES = (TRAIN_LOSS, GRAD_NORM, LR, STEP_TIME, TOKENS_PER_S, PEAK_MEM)

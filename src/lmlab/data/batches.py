@@ -9,6 +9,9 @@ token, so every token but the first is a target exactly once per epoch). Sample 
 - the order does not depend on the batch size: 4 micro-batches of B/4 are exactly 1 batch of B;
 - resuming needs only the count of samples consumed so far;
 - a shorter ``seq_len`` (sequence-length warm-up) reads a prefix of the same windows.
+
+On a GPU the token array can live on the device (:meth:`TrainBatcher.to`): a step's batch is
+then gathered there, and the host sends only the window offsets, never the tokens.
 """
 
 from __future__ import annotations
@@ -43,6 +46,15 @@ class TrainBatcher:
         self.max_seq_len = max_seq_len
         self._perm_epoch = -1
         self._perm = np.zeros(0, dtype=np.int64)
+        self._resident: torch.Tensor | None = None  # the tokens on the device, when moved there
+
+    def to(self, device: torch.device) -> TrainBatcher:
+        """Keep the token array on ``device`` (CUDA: int64, 8 bytes a token, ~20 MB for
+        WikiText-2's train split with GPT-2's BPE) and gather batches there. On CPU nothing
+        changes: the memmap is already where the model is."""
+        if device.type != "cpu":
+            self._resident = torch.from_numpy(np.asarray(self.tokens, dtype=np.int64)).to(device)
+        return self
 
     @property
     def tokens_per_epoch(self) -> int:
@@ -74,7 +86,13 @@ class TrainBatcher:
         """Samples ``start .. start + n - 1`` as (x, y), each int64 of shape (n, seq_len)."""
         if not 1 <= seq_len <= self.max_seq_len:
             raise ValueError(f"seq_len={seq_len} outside 1..max_seq_len={self.max_seq_len}")
-        idx = self.window_starts(start, n)[:, None] + np.arange(seq_len + 1)
+        starts = self.window_starts(start, n)
+        if self._resident is not None:
+            device = self._resident.device
+            offsets = torch.from_numpy(starts).to(device, non_blocking=True)
+            w = self._resident[offsets[:, None] + torch.arange(seq_len + 1, device=device)]
+            return w[:, :-1], w[:, 1:]
+        idx = starts[:, None] + np.arange(seq_len + 1)
         return _to_xy(np.asarray(self.tokens[idx]))
 
 

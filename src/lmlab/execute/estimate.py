@@ -12,6 +12,10 @@ come from that short run, made in a worker process exactly as ``lmlab run`` make
 
 where the counts follow the run's budget and cadences. ``benchmarks/plan_estimate.py`` checks the
 estimate against real runs.
+
+A pack (``lmlab.execute.pack``) is timed the same way, as a short packed run of as many members
+in the pack's worker process: its step time is the pack's, its set-up one process's, and each
+member adds its own evaluations and probes. A packed run's estimate is its share of its pack's.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +58,10 @@ class ShapeTiming:
     probe_s: float  # one diagnostics probe
 
 
-def time_shape(cfg: RunConfig, data: DataBundle, base: Path | None = None) -> ShapeTiming:
+def time_shape(cfg: RunConfig, data: DataBundle, base: Path | None = None,
+               members: int = 1) -> ShapeTiming:
+    """The timings of ``cfg``'s shape, trained solo or, with ``members`` > 1, as a pack of that
+    many (then ``step_s`` is the pack's step and ``setup_s`` the pack's process)."""
     # A short real run without diagnostics: its time is set-up, steps, the step-0 evaluation and
     # the final (full) one, each of which is also timed on its own below.
     tree = cfg.model_dump(mode="json")
@@ -64,13 +72,16 @@ def time_shape(cfg: RunConfig, data: DataBundle, base: Path | None = None) -> Sh
         layer_grad_norms=False, norm_grad_norms=False, activation_norms=False,
         attention_entropy=False, update_ratio=False)
     tree["cadence"] = {"log_every_steps": 1, "checkpoint_every_steps": 10**9}
-    probe_cfg = RunConfig.model_validate(tree)
+    ids = [f"estimate-{i}" for i in range(members)]
     with tempfile.TemporaryDirectory() as tmp:
         with Store.open(Path(tmp)) as store:
-            store.add_run("estimate", "estimate", 0, probe_cfg.to_json(), probe_cfg.config_hash)
+            for i, rid in enumerate(ids):
+                tree["train"]["seed"] = i
+                probe_cfg = RunConfig.model_validate(tree)
+                store.add_run(rid, "estimate", i, probe_cfg.to_json(), probe_cfg.config_hash)
         # In a worker process, as `lmlab run` does: the time around the steps and evaluations
         # (interpreter, imports, data loading, provenance, store, checkpoint) is part of a run.
-        cmd = [sys.executable, "-m", "lmlab.execute.worker", tmp, "estimate",
+        cmd = [sys.executable, "-m", "lmlab.execute.worker", tmp, *ids,
                "--driver-pid", str(os.getpid())]
         if base is not None:
             cmd += ["--base", str(base)]
@@ -78,16 +89,16 @@ def time_shape(cfg: RunConfig, data: DataBundle, base: Path | None = None) -> Sh
         done = subprocess.run(cmd, capture_output=True, text=True)
         total = time.perf_counter() - t0
         with Store.open(Path(tmp)) as store:
-            rows = store.metrics("estimate", [STEP_TIME]).get(STEP_TIME, [])
+            rows = store.metrics(ids[0], [STEP_TIME]).get(STEP_TIME, [])
             if done.returncode != 0 or not rows:
                 raise UserError(f"timing {PROBE_STEPS} steps of this shape failed: "
-                                f"{_why(done, store)}")
+                                f"{_why(done, store, ids[0])}")
     times = [r.value for r in rows[WARMUP_STEPS:]] or [r.value for r in rows]
     step_s = statistics.median(times)
 
     device = resolve_device(cfg.train.device)
     try:
-        return _time_evaluations(cfg, data, device, total, step_s)
+        return _time_evaluations(cfg, data, device, total, step_s, members)
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and "allocate" not in str(e):
             raise  # not a memory error: a bug
@@ -96,7 +107,7 @@ def time_shape(cfg: RunConfig, data: DataBundle, base: Path | None = None) -> Sh
 
 
 def _time_evaluations(cfg: RunConfig, data: DataBundle, device: torch.device, total: float,
-                      step_s: float) -> ShapeTiming:
+                      step_s: float, members: int) -> ShapeTiming:
     model = build_run_model(cfg, data.tokenizer.vocab_size).to(device)
 
     def timed_eval(max_batches: int | None) -> float:
@@ -111,7 +122,7 @@ def _time_evaluations(cfg: RunConfig, data: DataBundle, device: torch.device, to
     t0 = time.perf_counter()
     Diagnostics(cfg.evaluation.diagnostics, model, probe_x).probe()
     probe_s = time.perf_counter() - t0
-    setup_s = max(0.0, total - step_s * PROBE_STEPS - eval_s - final_eval_s)
+    setup_s = max(0.0, total - step_s * PROBE_STEPS - members * (eval_s + final_eval_s))
     model.to("cpu")  # give the accelerator back before the next shape is timed
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -119,7 +130,7 @@ def _time_evaluations(cfg: RunConfig, data: DataBundle, device: torch.device, to
                        final_eval_s=final_eval_s, probe_s=probe_s)
 
 
-def _why(done: subprocess.CompletedProcess, store: Store) -> str:
+def _why(done: subprocess.CompletedProcess, store: Store, run_id: str) -> str:
     """The timing worker's own account of why it produced no step times: its error message or
     the last line of its traceback, else how the run stopped (out of memory, say)."""
     lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
@@ -128,8 +139,8 @@ def _why(done: subprocess.CompletedProcess, store: Store) -> str:
         return errors[-1]
     if done.returncode != 0:
         return lines[-1] if lines else f"its worker exited with status {done.returncode}"
-    row = store.run("estimate") or {}
-    events = [e for e in store.events("estimate") if e["kind"] != Event.RESUME]
+    row = store.run(run_id) or {}
+    events = [e for e in store.events(run_id) if e["kind"] != Event.RESUME]
     detail = f" ({events[-1]['kind']}: {events[-1]['detail'].get('error', events[-1]['detail'])})" \
         if events else ""
     return f"the run ended {row.get('status')} before its first log interval{detail}"
@@ -149,7 +160,8 @@ def _n_periodic_evals(run: PlannedRun, steps: int) -> int:
     return n + 1
 
 
-def estimate_run(run: PlannedRun, t: ShapeTiming, test_split_ratio: float) -> float:
+def _training_s(run: PlannedRun, t: ShapeTiming) -> tuple[float, int]:
+    """(training seconds, steps) of ``run`` at ``t``'s step time."""
     cfg = run.config
     if cfg.budget.steps:
         steps = cfg.budget.steps
@@ -158,12 +170,17 @@ def estimate_run(run: PlannedRun, t: ShapeTiming, test_split_ratio: float) -> fl
     else:
         steps = None
     train_s = steps * t.step_s if steps is not None else cfg.budget.wall_clock_s or 0.0
-    n_steps = steps if steps is not None else int(train_s / t.step_s)
+    return train_s, steps if steps is not None else int(train_s / t.step_s)
+
+
+def _watching_s(run: PlannedRun, t: ShapeTiming, steps: int, test_split_ratio: float) -> float:
+    """What ``run`` spends besides its steps and its process: evaluations and probes."""
+    cfg = run.config
     diag = cfg.evaluation.diagnostics
-    probes = -(-n_steps // diag.every_steps) if diag.any_probe else 0
+    probes = -(-steps // diag.every_steps) if diag.any_probe else 0
     test_s = t.final_eval_s * test_split_ratio if cfg.evaluation.test_at_end else 0.0
-    return (t.setup_s + train_s + _n_periodic_evals(run, n_steps) * t.eval_s
-            + t.final_eval_s + probes * t.probe_s + test_s)
+    return (_n_periodic_evals(run, steps) * t.eval_s + t.final_eval_s + probes * t.probe_s
+            + test_s)
 
 
 def device_memory(device_name: str) -> tuple[int, str]:
@@ -195,20 +212,41 @@ def check_plan_memory(plan: Plan, data: DataBundle) -> None:
             raise
 
 
-def estimate_plan(plan: Plan, data: DataBundle) -> dict[str, float]:
-    """{run_id: expected seconds}, timing each distinct shape once (after checking that each
-    fits its device: a timing run must not be what finds out)."""
+def estimate_run(run: PlannedRun, t: ShapeTiming, test_split_ratio: float) -> float:
+    train_s, steps = _training_s(run, t)
+    return t.setup_s + train_s + _watching_s(run, t, steps, test_split_ratio)
+
+
+def estimate_pack(runs: Sequence[PlannedRun], t: ShapeTiming, test_split_ratio: float) -> float:
+    """A pack's wall-clock: one process, the steps of its longest member at the pack's step
+    time, and every member's own evaluations and probes."""
+    trained = [_training_s(r, t) for r in runs]
+    return (t.setup_s + max(s for s, _ in trained)
+            + sum(_watching_s(r, t, n, test_split_ratio)
+                  for r, (_, n) in zip(runs, trained, strict=True)))
+
+
+def estimate_plan(plan: Plan, data: DataBundle,
+                  packs: Sequence[Sequence[PlannedRun]] | None = None) -> dict[str, float]:
+    """{run_id: expected seconds}, timing each distinct shape (and pack size) once, after
+    checking that each fits its device (a timing run must not be what finds out). With
+    ``packs`` (the units the runs train in), a packed run's figure is its share of its pack's
+    wall-clock, so the figures still add up to the experiment's."""
     check_plan_memory(plan, data)
-    timings: dict[str, ShapeTiming] = {}
+    timings: dict[tuple[str, int], ShapeTiming] = {}
     ratio = len(data.splits["test"]) / max(len(data.splits["valid"]), 1)
     out: dict[str, float] = {}
-    for run in plan.runs:
-        key = digest(run.config, "cost")
+    for unit in packs if packs is not None else [[r] for r in plan.runs]:
+        key = (digest(unit[0].config, "cost"), len(unit))
         if key not in timings:
             try:
-                timings[key] = time_shape(run.config, data, plan.base)
+                timings[key] = time_shape(unit[0].config, data, plan.base, members=len(unit))
             except UserError as e:
-                e.message = f"arm {run.arm}: {e.message}"
+                e.message = f"arm {unit[0].arm}: {e.message}"
                 raise
-        out[run.run_id] = estimate_run(run, timings[key], ratio)
+        if len(unit) == 1:
+            out[unit[0].run_id] = estimate_run(unit[0], timings[key], ratio)
+            continue
+        share = estimate_pack(unit, timings[key], ratio) / len(unit)
+        out.update({r.run_id: share for r in unit})
     return out

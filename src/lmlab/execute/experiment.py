@@ -21,6 +21,7 @@ from lmlab.errors import UserError
 from lmlab.execute.estimate import check_plan_memory, estimate_plan
 from lmlab.execute.lease import hold_directory, move_held_directory
 from lmlab.execute.local import run_sweep
+from lmlab.execute.pack import PackOption, annotate, parse_pack, plan_packs
 from lmlab.identity import same
 from lmlab.names import RESULT_PLAN, RESULT_PREFLIGHT, RESULT_SPEC, STORE_FILE, Event
 from lmlab.spec.expand import Plan
@@ -105,9 +106,13 @@ def prepare_plan_data(plan: Plan) -> DataBundle:
     return prepare_data(cfg.data, cfg.tokenizer, plan.base)
 
 
-def estimate(plan: Plan, out_dir: Path | None, data: DataBundle) -> dict[str, Any]:
-    estimates = estimate_plan(plan, data)
-    record = plan.to_json()
+def estimate(plan: Plan, out_dir: Path | None, data: DataBundle,
+             pack: PackOption = "off") -> dict[str, Any]:
+    """The plan's record with each run's expected wall-clock, its runs trained as ``pack``
+    says (a packed run: its pack's name and its share of the pack's time)."""
+    packs = plan_packs(plan, pack, vocab_size=data.tokenizer.vocab_size)
+    estimates = estimate_plan(plan, data, [p.runs for p in packs])
+    record = annotate(plan.to_json(), packs, estimates)
     for r in record["runs"]:
         r["estimate_s"] = estimates[r["run_id"]]
     record["estimate_total_s"] = sum(estimates.values())
@@ -155,24 +160,27 @@ def _same_data(plan: Plan, cfg: Any) -> bool:
 
 
 def run_experiment(plan: Plan, out_dir: Path, *, skip_preflight: bool = False,
-                   force_new: bool = False, parallel: int | None = None) -> dict[str, Any]:
+                   force_new: bool = False, parallel: int | None = None,
+                   pack: PackOption | None = None) -> dict[str, Any]:
     """The whole experiment, holding ``out_dir``'s lock from the first write to the last (a
-    second driver is refused, naming this one)."""
+    second driver is refused, naming this one). ``pack``: the --pack option (default: the
+    spec's ``execution.pack``)."""
     check_hardware(plan)
     with hold_directory(out_dir):
-        return _run_experiment(plan, out_dir, skip_preflight, force_new, parallel)
+        return _run_experiment(plan, out_dir, skip_preflight, force_new, parallel, pack)
 
 
 def _run_experiment(plan: Plan, out_dir: Path, skip_preflight: bool, force_new: bool,
-                    parallel: int | None) -> dict[str, Any]:
+                    parallel: int | None, pack: PackOption | None) -> dict[str, Any]:
     moved = open_experiment(plan, out_dir, force_new=force_new)
     data = prepare_plan_data(plan)
     check_plan_memory(plan, data)  # on the device the runs will have, before any is built
     with Store.open(out_dir) as store:
         planned = store.get_result(RESULT_PLAN) or {}
         have_preflight = store.get_result(RESULT_PREFLIGHT)
+    option = pack if pack is not None else parse_pack(plan.spec.execution.pack)
     if planned.get("estimate_total_s") is None:
-        estimate(plan, out_dir, data)
+        estimate(plan, out_dir, data, option)
     preflight = have_preflight
     covered = {arm for c in (have_preflight or {}).get("configs", []) for arm in c["arms"]}
     if plan.spec.preflight.enabled and not skip_preflight and (
@@ -186,5 +194,7 @@ def _run_experiment(plan: Plan, out_dir: Path, skip_preflight: bool, force_new: 
             raise plan.doc.error("preflight", "preflight failed (Overfit Sanity) for " +
                                  "; ".join(failed) + ": fix the configuration, or rerun with "
                                  "--skip-preflight")
-    results = run_sweep(plan.runs, out_dir, base=plan.base, parallel=parallel)
+    vocab = data.tokenizer.vocab_size
+    results = run_sweep(plan.runs, out_dir, base=plan.base, parallel=parallel,
+                        units=lambda todo: plan_packs(plan, option, todo, vocab))
     return {"results": results, "preflight": preflight, "moved": moved}

@@ -16,10 +16,9 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,6 +29,8 @@ from lmlab.config import RunConfig
 from lmlab.errors import UserError
 from lmlab.execute.estimate import check_memory
 from lmlab.execute.lease import EXIT_BUSY, RUN_LEASE_WAIT_S, Lease, hold_directory
+from lmlab.execute.pack import Pack
+from lmlab.execute.pack import command as worker_command
 from lmlab.execute.progress import ProgressDisplay, make_progress
 from lmlab.identity import same
 from lmlab.names import (
@@ -132,16 +133,20 @@ def _devices() -> list[str | None]:
 
 
 def run_sweep(runs: list[PlannedRun], out_dir: Path, *, base: Path | None = None,
-              parallel: int | None = None) -> dict[str, str]:
-    """Run every planned run that is not completed yet, each in its own worker process, holding
-    the directory's lock. Returns {run_id: final status}; a run that stopped on an error the user
-    can fix (or that another live worker holds) is a UserError once every other run is done."""
+              parallel: int | None = None,
+              units: Callable[[list[PlannedRun]], list[Pack]] | None = None) -> dict[str, str]:
+    """Run every planned run that is not completed yet, each in its own worker process, or, with
+    ``units`` (``lmlab.execute.pack.plan_packs`` over the runs left to do), each pack of runs in
+    one, holding the directory's lock. Returns {run_id: final status}; a run that stopped on an
+    error the user can fix (or that another live worker holds) is a UserError once every other
+    run is done."""
     with hold_directory(out_dir) as lock:
-        return _run_sweep(runs, out_dir, lock, base=base, parallel=parallel)
+        return _run_sweep(runs, out_dir, lock, base=base, parallel=parallel, units=units)
 
 
 def _run_sweep(runs: list[PlannedRun], out_dir: Path, lock: Lease, *, base: Path | None,
-               parallel: int | None) -> dict[str, str]:
+               parallel: int | None,
+               units: Callable[[list[PlannedRun]], list[Pack]] | None) -> dict[str, str]:
     slots = _devices()
     if parallel:
         slots = (slots * parallel)[:parallel] if slots == [None] else slots[:parallel]
@@ -156,8 +161,9 @@ def _run_sweep(runs: list[PlannedRun], out_dir: Path, lock: Lease, *, base: Path
     with stop_on_signals() as stop, _progress() as progress, Store.open(out_dir) as store:
         overall = progress.add_task("experiment", total=len(runs) * TICKS, info="")
         progress.update(overall, completed=len(results) * TICKS)
-        active: dict[str, tuple[subprocess.Popen, int, str | None]] = {}
-        queue = list(todo)
+        # One worker process per unit: a run, or a pack of runs (its log is its first run's).
+        active: dict[str, tuple[subprocess.Popen, dict[str, int], str | None]] = {}
+        queue = units(todo) if units is not None else [Pack((r,)) for r in todo]
         free = list(slots)
         needs_you: dict[str, str] = {}  # run -> the error a user can fix, or the live worker
         while queue or active:
@@ -165,7 +171,7 @@ def _run_sweep(runs: list[PlannedRun], out_dir: Path, lock: Lease, *, base: Path
                 console.print(f"[red]{out_dir}: this driver's lock was taken over; stopping[/]")
                 stop.set()
             while queue and free and not stop.is_set():
-                run = queue.pop(0)
+                unit = queue.pop(0)
                 slot = free.pop(0)
                 env = dict(os.environ)
                 if slot is not None:
@@ -174,18 +180,16 @@ def _run_sweep(runs: list[PlannedRun], out_dir: Path, lock: Lease, *, base: Path
                     env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(slots)))
                 # The worker dies with this process (Linux) and stops when the lock stops
                 # naming it (anywhere): a rerun never races an orphan.
-                cmd = [sys.executable, "-m", "lmlab.execute.worker", str(out_dir), run.run_id,
-                       "--driver-pid", str(os.getpid()), "--driver-token", lock.token]
-                if base is not None:
-                    cmd += ["--base", str(base)]
+                cmd = worker_command(unit, out_dir, base, driver_token=lock.token)
                 # stderr to a file, never a pipe: a chatty worker (compile logs) would block
                 # on a full pipe that is only read when it exits.
-                log = out_dir / RUNS_DIR / run.run_id / "worker.log"
+                log = out_dir / RUNS_DIR / unit.run_ids[0] / "worker.log"
                 log.parent.mkdir(parents=True, exist_ok=True)
                 with open(log, "ab") as stderr:
                     proc = subprocess.Popen(cmd, env=env, stderr=stderr, start_new_session=True)
-                task = progress.add_task(run.run_id, total=TICKS, info="starting")
-                active[run.run_id] = (proc, task, slot)
+                tasks = {rid: progress.add_task(rid, total=TICKS, info="starting")
+                         for rid in unit.run_ids}
+                active[unit.run_ids[0]] = (proc, tasks, slot)
             if stop.is_set() and not queue and not active:
                 break
             if stop.is_set():
@@ -194,27 +198,30 @@ def _run_sweep(runs: list[PlannedRun], out_dir: Path, lock: Lease, *, base: Path
                     if proc.poll() is None:
                         proc.send_signal(signal.SIGINT)
             time.sleep(0.2)
-            for run_id, (proc, task, slot) in list(active.items()):
-                frac = _run_progress(store, run_id, runs)
-                progress.update(task, completed=int(frac * TICKS), info=_run_info(store, run_id))
+            for first, (proc, tasks, slot) in list(active.items()):
+                for run_id, task in tasks.items():
+                    frac = _run_progress(store, run_id, runs)
+                    progress.update(task, completed=int(frac * TICKS),
+                                    info=_run_info(store, run_id))
                 if proc.poll() is None:
                     continue
-                stderr = (out_dir / RUNS_DIR / run_id / "worker.log").read_text(errors="replace")
-                row = store.run(run_id) or {}
-                state = row.get("status", Status.FAILED)
-                if proc.returncode in (2, EXIT_BUSY):
-                    needs_you[run_id] = _last_error(stderr)
-                # EXIT_BUSY: another live worker has the run, and its records are its own.
-                if proc.returncode not in (0, EXIT_BUSY) and \
-                        state in (Status.RUNNING, Status.PENDING):
-                    state = Status.INTERRUPTED if stop.is_set() else Status.FAILED
-                    store.set_status(run_id, state, error=stderr[-4000:])
-                if state == Status.FAILED and run_id not in needs_you:
-                    console.print(f"[red]{run_id} failed[/]\n{stderr[-2000:]}")
-                results[run_id] = state
-                progress.update(task, completed=TICKS, info=state)
-                progress.update(overall, advance=TICKS)
-                del active[run_id]
+                stderr = (out_dir / RUNS_DIR / first / "worker.log").read_text(errors="replace")
+                for run_id, task in tasks.items():
+                    row = store.run(run_id) or {}
+                    state = row.get("status", Status.FAILED)
+                    if proc.returncode in (2, EXIT_BUSY):
+                        needs_you[run_id] = _last_error(stderr)
+                    # EXIT_BUSY: another live worker has the run, and its records are its own.
+                    if proc.returncode not in (0, EXIT_BUSY) and \
+                            state in (Status.RUNNING, Status.PENDING):
+                        state = Status.INTERRUPTED if stop.is_set() else Status.FAILED
+                        store.set_status(run_id, state, error=stderr[-4000:])
+                    if state == Status.FAILED and run_id not in needs_you:
+                        console.print(f"[red]{run_id} failed[/]\n{stderr[-2000:]}")
+                    results[run_id] = state
+                    progress.update(task, completed=TICKS, info=state)
+                    progress.update(overall, advance=TICKS)
+                del active[first]
                 free.append(slot)
     for r in runs:
         results.setdefault(r.run_id, Status.PENDING)

@@ -1,16 +1,18 @@
-"""One run of a sweep, in its own process: ``python -m lmlab.execute.worker OUT_DIR RUN_ID``.
+"""One run of a sweep, or one pack of runs, in its own process:
+``python -m lmlab.execute.worker OUT_DIR RUN_ID [RUN_ID ...]`` (several: one packed run,
+``lmlab.train.pack``).
 
-The run's resolved config is read from the store (the parent wrote it), so a worker needs nothing
-else. Before it touches the store it takes the run's lease (``runs/<run_id>/lease.json``): a run
-never has two workers, whichever executor started them. A worker a local driver started dies with
+The runs' resolved configs are read from the store (the parent wrote them), so a worker needs
+nothing else. Before it touches the store it takes each run's lease (``runs/<run_id>/lease.json``):
+a run never has two workers, whichever executor started them. A worker a local driver started dies with
 it (``--driver-pid``: the kernel's parent-death signal on Linux), and any worker stops when the
 directory lock stops naming its driver (``--driver-token``): at its next step boundary, with a
 checkpoint, and at the latest ``ORPHAN_GRACE_S`` later.
 
-Exit status: 0 when the run reached a terminal state (completed, diverged, over_budget), 130
-when interrupted, 2 on a user error (the run is marked failed, the message is the last line of
-stderr), 1 on a crash (marked failed too), ``EXIT_BUSY`` when another live worker holds the run
-(nothing is written), ``EXIT_ORPHANED`` when the driver died.
+Exit status: 0 when every run reached a terminal state (completed, diverged, over_budget), 130
+when interrupted, 2 on a user error (the runs not yet ended are marked failed, the message is the
+last line of stderr), 1 on a crash (marked failed too), ``EXIT_BUSY`` when another live worker
+holds a run (nothing is written), ``EXIT_ORPHANED`` when the driver died.
 """
 
 from __future__ import annotations
@@ -38,12 +40,13 @@ from lmlab.execute.local import stop_on_signals
 from lmlab.names import LEASE_FILE, LOCK_FILE, RUNS_DIR, Status
 from lmlab.store import Store
 from lmlab.train.loop import train
+from lmlab.train.pack import Member, train_pack
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lmlab.execute.worker")
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("run_id")
+    parser.add_argument("run_ids", nargs="+", metavar="run_id")
     parser.add_argument("--base", type=Path, default=None)
     parser.add_argument("--driver-pid", type=int, default=None,
                         help="the local driver that started this worker: die with it")
@@ -54,28 +57,32 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the driver that started this worker is gone", file=sys.stderr)
         return EXIT_ORPHANED
 
-    lease = Lease(args.out_dir / RUNS_DIR / args.run_id / LEASE_FILE,
-                  command=f"worker of run {args.run_id}")
+    leases: list[Lease] = []
     try:
-        lease.acquire(wait_s=RUN_LEASE_WAIT_S)
-    except LeaseHeld as e:
-        print(f"error: already has a live worker, {e.holder.describe()}, that did not stop "
-              f"within {RUN_LEASE_WAIT_S:.0f} s; stop it (kill {e.holder.pid} on "
-              f"{e.holder.host}) and rerun", file=sys.stderr)
-        return EXIT_BUSY
-    lease.keep_renewed()
-    try:
+        for run_id in args.run_ids:
+            lease = Lease(args.out_dir / RUNS_DIR / run_id / LEASE_FILE,
+                          command=f"worker of run {run_id}")
+            try:
+                lease.acquire(wait_s=RUN_LEASE_WAIT_S)
+            except LeaseHeld as e:
+                print(f"error: run {run_id} already has a live worker, {e.holder.describe()}, "
+                      f"that did not stop within {RUN_LEASE_WAIT_S:.0f} s; stop it (kill "
+                      f"{e.holder.pid} on {e.holder.host}) and rerun", file=sys.stderr)
+                return EXIT_BUSY
+            leases.append(lease)
+            lease.keep_renewed()
         with stop_on_signals() as stop:
-            orphaned = _stop_when_orphaned(args, stop, lease)
-            code = _run(args, stop)
+            orphaned = _stop_when_orphaned(args, stop, leases)
+            code = _run(args, stop) if len(args.run_ids) == 1 else _run_pack(args, stop)
         return EXIT_ORPHANED if orphaned.is_set() else code
     finally:
-        lease.release()
+        for lease in leases:
+            lease.release()
 
 
 def _stop_when_orphaned(args: argparse.Namespace, stop: threading.Event,
-                        lease: Lease) -> threading.Event:
-    """Stop the run when its driver is gone, or when the run's lease is (set aside by another
+                        leases: list[Lease]) -> threading.Event:
+    """Stop the runs when their driver is gone, or when a run's lease is (set aside by another
     host that judged this one dead): at the next step boundary, and at the latest after the
     grace period."""
     orphaned = threading.Event()
@@ -90,38 +97,77 @@ def _stop_when_orphaned(args: argparse.Namespace, stop: threading.Event,
         watch_driver(gone, lock=args.out_dir / LOCK_FILE, token=args.driver_token,
                      parent_pid=args.driver_pid)
 
-    def lost() -> None:
+    def lost(lease: Lease) -> None:
         lease.lost.wait()
         gone(f"its lease {lease.path} was taken over")
 
-    threading.Thread(target=lost, name="lease lost", daemon=True).start()
+    for lease in leases:
+        threading.Thread(target=lost, args=(lease,), name="lease lost", daemon=True).start()
     return orphaned
 
 
 def _run(args: argparse.Namespace, stop: threading.Event) -> int:
+    (run_id,) = args.run_ids
     try:
         with Store.open(args.out_dir) as store:
-            row = store.run(args.run_id)
+            row = store.run(run_id)
             if row is None:
-                raise UserError(f"no run {args.run_id} in {args.out_dir}")
+                raise UserError(f"no run {run_id} in {args.out_dir}")
             cfg = RunConfig.model_validate(row["config"])
             try:
-                result = train(cfg, args.run_id, store, args.out_dir / RUNS_DIR / args.run_id,
+                result = train(cfg, run_id, store, args.out_dir / RUNS_DIR / run_id,
                                base=args.base, should_stop=stop.is_set)
             except UserError as e:
-                store.set_status(args.run_id, Status.FAILED, error=str(e))
+                store.set_status(run_id, Status.FAILED, error=str(e))
                 raise
             except KeyboardInterrupt:
-                store.set_status(args.run_id, Status.INTERRUPTED)
+                store.set_status(run_id, Status.INTERRUPTED)
                 return 130
             except BaseException as e:
-                store.set_status(args.run_id, Status.FAILED, error=f"{type(e).__name__}: {e}")
+                store.set_status(run_id, Status.FAILED, error=f"{type(e).__name__}: {e}")
                 traceback.print_exc()
                 return 1
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 130 if result.status == Status.INTERRUPTED else 0
+
+
+def _run_pack(args: argparse.Namespace, stop: threading.Event) -> int:
+    """The runs as one pack (``lmlab.train.pack.train_pack``): each member keeps its own record;
+    on an error every member not yet ended is marked (one that completed keeps its status)."""
+    try:
+        with Store.open(args.out_dir) as store:
+            members = []
+            for run_id in args.run_ids:
+                row = store.run(run_id)
+                if row is None:
+                    raise UserError(f"no run {run_id} in {args.out_dir}")
+                members.append(Member(run_id, RunConfig.model_validate(row["config"]),
+                                      args.out_dir / RUNS_DIR / run_id))
+            try:
+                results = train_pack(members, store, base=args.base, should_stop=stop.is_set)
+            except UserError as e:
+                _mark_unended(store, args.run_ids, Status.FAILED, str(e))
+                raise
+            except KeyboardInterrupt:
+                _mark_unended(store, args.run_ids, Status.INTERRUPTED)
+                return 130
+            except BaseException as e:
+                _mark_unended(store, args.run_ids, Status.FAILED, f"{type(e).__name__}: {e}")
+                traceback.print_exc()
+                return 1
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 130 if any(r.status == Status.INTERRUPTED for r in results) else 0
+
+
+def _mark_unended(store: Store, run_ids: list[str], status: Status,
+                  error: str | None = None) -> None:
+    for run_id in run_ids:
+        if (store.run(run_id) or {}).get("status") in (Status.PENDING, Status.RUNNING):
+            store.set_status(run_id, status, error=error)
 
 
 if __name__ == "__main__":

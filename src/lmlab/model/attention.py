@@ -118,15 +118,20 @@ class CausalSelfAttention(nn.Module):
                 q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
 
     def _manual(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        T = q.size(-2)
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
-        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        att = att.masked_fill(~causal, float("-inf"))
-        # Softmax in fp32 whatever the autocast dtype, like the fused kernels do internally.
-        probs = F.softmax(att.float(), dim=-1)
+        probs = causal_probs(q, k)
         if self.capture_probs:
             self.last_probs = probs.detach()
         return self.attn_dropout(probs.to(v.dtype)) @ v
+
+
+def causal_probs(q: Tensor, k: Tensor) -> Tensor:
+    """Causal attention probabilities [..., T, T] of queries and keys [..., T, head_dim], the
+    softmax in fp32 whatever the autocast dtype, as the fused kernels do internally."""
+    T = q.size(-2)
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    att = att.masked_fill(~causal, float("-inf"))
+    return F.softmax(att.float(), dim=-1)
 
 
 def attention_entropy(probs: Tensor) -> Tensor:

@@ -138,6 +138,13 @@ class GPT(nn.Module):
         # Norms keep PyTorch's init: weight 1, bias 0, i.e. the identity after normalising.
 
     def forward(self, idx: Tensor) -> Tensor:
+        # fp32 logits even under autocast: the softmax over the vocabulary, z-loss and label
+        # smoothing all need the range.
+        return self.lm_head(self.hidden(idx)).float()
+
+    def hidden(self, idx: Tensor) -> Tensor:
+        """Tokens [B, T] -> the final hidden states [B, T, d_model], before the head. Training
+        fuses the head with its loss (``lmlab.train.loss``), so it never holds the logits."""
         seq_len = idx.size(1)
         if seq_len > self.max_seq_len:
             raise ValueError(f"sequence of length {seq_len} is longer than "
@@ -148,10 +155,7 @@ class GPT(nn.Module):
         x = self.drop(x)
         for block in self.blocks:
             x = block(x)
-        x = self.norm_f(x)
-        # fp32 logits even under autocast: the softmax over the vocabulary, z-loss and label
-        # smoothing all need the range.
-        return self.lm_head(x).float()
+        return self.norm_f(x)
 
     # -- bookkeeping used by the optimizer grouping, the diagnostics and MFU ------------------
 

@@ -47,11 +47,18 @@ def is_checkpointed(block: nn.Module) -> bool:
     return isinstance(forward, types.MethodType) and forward.__func__ is _checkpointed_forward
 
 
-CompileMode = Literal["off", "default", "max-autotune"]
+CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune",
+                      "max-autotune-no-cudagraphs"]
+# Modes that replay CUDA graphs: each training step must be marked as a new one, or the next
+# replay may overwrite outputs the previous step still needs.
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+Fn = Callable[[Tensor], Tensor]
 
 
-def maybe_compile(model: nn.Module, mode: CompileMode) -> tuple[nn.Module, str | None]:
-    """(module to train, None) or, when torch.compile can't be used here, (model, the reason).
+def maybe_compile(model: Fn, mode: CompileMode) -> tuple[Fn, str | None]:
+    """(what to train, None) or, when torch.compile can't be used here, (model, the reason).
+    ``model`` is a module or a function of one tensor (``GPT.hidden``, a pack's stacked forward).
 
     torch.compile is lazy: nothing is compiled until the first call, so a failure there (no C++
     compiler for inductor on CPU, an unsupported op) is the caller's to catch, fall back from
@@ -82,16 +89,20 @@ class CompileFallback:
     groups and evaluate from ``model``, not from the compiled wrapper.
     """
 
-    def __init__(self, model: nn.Module, mode: CompileMode,
-                 on_fallback: Callable[[str], None]) -> None:
+    def __init__(self, model: Fn, mode: CompileMode, on_fallback: Callable[[str], None]) -> None:
         self.eager = model
         self.on_fallback = on_fallback
         self.fn, note = maybe_compile(model, mode)
         if note is not None:
             on_fallback(note)
         self.trusted = mode == "off" or note is not None
+        self.graphs = mode in CUDAGRAPH_MODES and note is None and torch.cuda.is_available()
 
     def __call__(self, x: Tensor) -> Tensor:
+        if self.graphs:
+            # A new step begins: outputs of the previous replay (consumed by its backward) may
+            # be overwritten. Harmless when the graph was not captured (CPU tensors).
+            torch.compiler.cudagraph_mark_step_begin()
         if self.trusted:
             return self.fn(x)
         try:

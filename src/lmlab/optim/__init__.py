@@ -15,6 +15,7 @@ from lmlab.optim.optimizers import (
     classify_params,
     optimizer_state_bytes,
     set_lr,
+    skips_on_device,
 )
 from lmlab.optim.schedules import LRSchedule, build_schedule
 
@@ -30,4 +31,5 @@ __all__ = [
     "newton_schulz",
     "optimizer_state_bytes",
     "set_lr",
+    "skips_on_device",
 ]

@@ -203,6 +203,14 @@ def build_optimizer(cfg: OptimizerConfig, model: nn.Module,
     return opt
 
 
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step()`` honours a ``found_inf`` tensor on the device, skipping the
+    whole update (weights, state and step count) when it is non-zero: torch's fused Adam, AdamW
+    and SGD, which mark themselves so for the AMP grad scaler. Lion, Muon, Adafactor and the
+    foreach/plain implementations do not."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
 def set_lr(optimizer: torch.optim.Optimizer, multiplier: float) -> float:
     """Set every group's lr to ``base_lr * lr_mult * multiplier`` (the schedule's value); returns
     the first group's, the lr a run logs."""

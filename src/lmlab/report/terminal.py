@@ -145,13 +145,25 @@ def plan_table(record: dict[str, Any], variables: Sequence[str], width: int,
     leaves = [v.rsplit(".", 1)[-1] for v in variables]
     names = [leaf if leaves.count(leaf) == 1 else v
              for leaf, v in zip(leaves, variables, strict=True)]
+    packed = any(r.get("pack") for r in record["runs"])
     rows = [[r["run_id"], r["arm"], str(r["seed"]),
              *[fmt_value(r["values"].get(v)) for v in variables],
              integer(r["tokens"]), integer(r["steps"]), str(r["effective_batch"]),
+             *([r.get("pack") or NA] if packed else []),
              seconds(r.get("estimate_s"))] for r in record["runs"]]
-    table = Table(["run", "arm", "seed", *names, "tokens", "steps", "eff. batch", "expected"],
-                  rows, ["l", "l", "r"] + ["l"] * len(names) + ["r"] * 4)
+    table = Table(["run", "arm", "seed", *names, "tokens", "steps", "eff. batch",
+                   *(["pack"] if packed else []), "expected"],
+                  rows, ["l", "l", "r"] + ["l"] * len(names) + ["r"] * 3
+                  + (["l"] if packed else []) + ["r"])
     return fit_table(table, width, title=title, optional=("arm", "eff. batch", "tokens"))
+
+
+def pack_lines(record: dict[str, Any]) -> list[str]:
+    """`lmlab plan`'s packs: which runs train as one stacked model, and its estimate."""
+    return [f"pack {unit['name']}: {len(unit['runs'])} runs as one stacked model "
+            f"({', '.join(unit['runs'])})"
+            + (f", expected {seconds(unit['estimate_s'])}" if unit["estimate_s"] else "")
+            for unit in record.get("packs", [])]
 
 
 def print_addendum(directory: Path | str, console: Console | None = None) -> None:

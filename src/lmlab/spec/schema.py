@@ -316,6 +316,20 @@ class Preflight(_Section):
     loss_threshold: float = Field(0.5, gt=0, description="pass: final train loss below this")
 
 
+class Execution(_Section):
+    """How the runs are executed, never what they are: a run's record is the same either way."""
+
+    # Train runs of one shape (seeds, arms differing only in values that change no tensor
+    # shape) together as one stacked model: auto, off, or at most N runs to a pack.
+    pack: Literal["auto", "off"] | int = "off"
+
+    @model_validator(mode="after")
+    def _positive(self) -> Execution:
+        if isinstance(self.pack, int) and self.pack < 1:
+            raise ValueError(f"a pack holds at least 1 run, got {self.pack}")
+        return self
+
+
 class Spec(_Section):
     @model_validator(mode="before")
     @classmethod
@@ -344,6 +358,7 @@ class Spec(_Section):
     analysis: Analysis = Analysis()
     preflight: Preflight = Preflight()
     systems_addendum: bool | None = None  # default: on for category memory
+    execution: Execution = Execution()
 
     @property
     def outcomes(self) -> list[ExpectedOutcome]:

@@ -5,7 +5,9 @@ something stops the run -> wrap up (final evaluation, checkpoint, summary). One 
 :func:`lmlab.train.step.train_step`; everything written goes through the
 :class:`lmlab.train.recorder.Recorder`, once per log interval (each row with its step, tokens seen
 and training seconds). Evaluation, diagnostics and checkpoints happen between steps, outside the
-timed part. Reports are never built here.
+timed part (:func:`between_steps`); the end is :func:`wrap_up`. A packed run
+(:mod:`lmlab.train.pack`) calls the same two for each of its members. Reports are never built
+here.
 """
 
 from __future__ import annotations
@@ -31,10 +33,17 @@ from lmlab.store.provenance import capture
 from lmlab.train.checkpoint import SetAside, check_belongs, resume_checkpoint, save_checkpoint
 from lmlab.train.diagnostics import Diagnostics
 from lmlab.train.evaluate import evaluate
-from lmlab.train.memory import reset_peak
+from lmlab.train.memory import keep_freed_memory, reset_peak
 from lmlab.train.recorder import Interval, Recorder
 from lmlab.train.state import RunState, StopReason, eval_cadence
-from lmlab.train.step import Learner, MicroBatch, build_learner, resolve_device, train_step
+from lmlab.train.step import (
+    Learner,
+    MicroBatch,
+    StepOutput,
+    build_learner,
+    resolve_device,
+    train_step,
+)
 
 
 @dataclass
@@ -57,6 +66,24 @@ class RunResult:
     summary: dict[str, Any]
 
 
+@dataclass
+class Run:
+    """One run's parts while it trains: what happens between two optimizer steps
+    (:func:`between_steps`) and at the end (:func:`wrap_up`) acts on them. A solo run has one;
+    a packed run has one per member (:mod:`lmlab.train.pack`), so both do these the same way."""
+
+    run_id: str
+    cfg: RunConfig
+    run_dir: Path
+    data: DataBundle
+    learner: Learner
+    diagnostics: Diagnostics
+    state: RunState
+    recorder: Recorder
+    cadence: tuple[str, float]  # the evaluation cadence (``eval_cadence``)
+    last_val: float | None = None  # the last validation loss, for progress lines
+
+
 def train(cfg: RunConfig, run_id: str, store: Store, run_dir: Path, *, base: Path | None = None,
           on_log: Callable[[LogLine], None] | None = None,
           should_stop: Callable[[], bool] | None = None, data: DataBundle | None = None,
@@ -74,21 +101,24 @@ def train(cfg: RunConfig, run_id: str, store: Store, run_dir: Path, *, base: Pat
     schedule = build_schedule(cfg.schedule)
     cadence = eval_cadence(cfg.evaluation)
     state = RunState()
-    recorder = Recorder(store, run_id, cfg, device)
+    recorder = Recorder(store, run_id, cfg, device, flops_per_token(learner, cfg))
     resumed, damaged = _resume(run_dir, cfg, learner, state, recorder)
     recorder.start(state, resumed, _provenance(data, device))
     for aside in damaged:  # after start(): it drops the events past the resumed step
         recorder.event(state.at, Event.CHECKPOINT_DAMAGED, aside.detail())
-    learner.forward = CompileFallback(learner.raw, cfg.train.compile,
+    learner.forward = CompileFallback(learner.raw.hidden, cfg.train.compile,
                                       partial(recorder.compile_fallback, state))
+    batcher.to(device)  # a GPU gathers its batches from tokens already there
+    keep_freed_memory(device)
     reset_peak(device)
+
+    run = Run(run_id, cfg, run_dir, data, learner, diagnostics, state, recorder, cadence)
 
     # ---- train until the budget is spent or something stops the run ---------------------------
     stop: StopReason | None = None
-    last_val: float | None = None
     try:
         if not resumed:
-            last_val = _evaluate(learner, data, cfg, state, recorder, VAL, full=False)
+            run.last_val = _evaluate(learner, data, cfg, state, recorder, VAL, full=False)
         while stop is None and state.progress(cfg.budget) < 1.0:
             if should_stop is not None and should_stop():
                 stop = StopReason.INTERRUPTED
@@ -99,29 +129,16 @@ def train(cfg: RunConfig, run_id: str, store: Store, run_dir: Path, *, base: Pat
             before = diagnostics.snapshot() if probing else None
             out = train_step(learner, _micro_batches(batcher, state.samples, batch, seq_len, cfg),
                              inspect=diagnostics.grad_norms if probing else None)
-            if not out.finite:  # recorded at the step it would have been; nothing was applied
+            if out.finite is False:  # recorded at the step it would have been; nothing applied
                 at = state.attempted(batch, seq_len, out.seconds)
                 stop = recorder.non_finite(at, out.loss, out.grad_norm, lr, out.inspected)
                 break
             state.advance(batch, seq_len, out.seconds)
-            recorder.step(state.at, out.loss, out.grad_norm, lr)
-
-            # ---- between steps, untimed: probe, logging, evaluation, checkpoint ----
-            if probing:
-                after = diagnostics.update_ratios(before) if before is not None else {}
-                recorder.metrics(state.at, out.inspected | after | diagnostics.probe())
+            recorder.step(state.at, out.loss, out.grad_norm, lr, out.bad)
             at_end = state.progress(cfg.budget) >= 1.0
-            if state.step % cfg.cadence.log_every_steps == 0 or at_end:
-                interval = recorder.flush()
-                stop = recorder.check(interval)
-                if on_log is not None and interval is not None:
-                    on_log(_log_line(run_id, interval, cfg, last_val))
-            if stop is None and (state.eval_due(cadence, cfg.budget) or at_end):
-                # Evaluation rows never precede the train rows of their steps.
-                stop = recorder.check(recorder.flush())
-                if stop is None:
-                    last_val = _evaluate(learner, data, cfg, state, recorder, VAL, full=at_end)
-            if stop is None and state.step % cfg.cadence.checkpoint_every_steps == 0 and not at_end:
+            checkpoint_due = state.step % cfg.cadence.checkpoint_every_steps == 0 and not at_end
+            stop = between_steps(run, out, probing, before, checkpoint_due, on_log)
+            if stop is None and checkpoint_due:
                 _checkpoint(run_dir, cfg, learner, state, recorder)
     except (torch.OutOfMemoryError, MemoryError) as e:
         # Caught like an over-budget run: the sweep goes on. The rows of the steps already taken
@@ -129,29 +146,75 @@ def train(cfg: RunConfig, run_id: str, store: Store, run_dir: Path, *, base: Pat
         learner.optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        stop = recorder.out_of_memory(state.at, e)
+        stop = recorder.settle(state) or recorder.out_of_memory(state.at, e)
+    return wrap_up(run, stop)
 
-    # ---- wrap up --------------------------------------------------------------------------------
+
+def between_steps(run: Run, out: StepOutput, probing: bool, before: dict[str, torch.Tensor] | None,
+                  checkpoint_due: bool, on_log: Callable[[LogLine], None] | None,
+                  ) -> StopReason | None:
+    """Untimed, after an applied step: the probe, logging (and the checks on what is logged),
+    evaluation. Returns why the run stops, or None. A checkpoint, when due, is the caller's next
+    move (``checkpoint_due`` only makes sure there is nothing unread before it)."""
+    cfg, state, recorder, diagnostics = run.cfg, run.state, run.recorder, run.diagnostics
+    at_end = state.progress(cfg.budget) >= 1.0
+    log_due = state.step % cfg.cadence.log_every_steps == 0 or at_end
+    eval_due = state.eval_due(run.cadence, cfg.budget) or at_end
+    if probing or log_due or eval_due or checkpoint_due:
+        # Before anything is written: with the device-side check, the steps' finiteness is read
+        # here (a non-finite one stops the run at its own step).
+        stop = recorder.settle(state, out.inspected)
+        if stop is not None:
+            return stop
+    if probing:
+        after = diagnostics.update_ratios(before) if before is not None else {}
+        recorder.metrics(state.at, out.inspected | after | diagnostics.probe())
+    stop = None
+    if log_due:
+        interval = recorder.flush()
+        stop = recorder.check(interval)
+        if on_log is not None and interval is not None:
+            on_log(_log_line(run.run_id, interval, cfg, run.last_val))
+    if stop is None and eval_due:
+        # Evaluation rows never precede the train rows of their steps.
+        stop = recorder.check(recorder.flush())
+        if stop is None:
+            run.last_val = _evaluate(run.learner, run.data, cfg, state, recorder, VAL, full=at_end)
+    return stop
+
+
+def wrap_up(run: Run, stop: StopReason | None) -> RunResult:
+    """The run's end: what it stopped for, its last rows, the final checkpoint and test
+    evaluation of a completed run, its summary and status."""
+    cfg, learner, state, recorder = run.cfg, run.learner, run.state, run.recorder
+    stop = recorder.settle(state) or stop  # a non-finite step not yet read happened first
     if stop is None:  # the budget is spent; the final evaluation ran after the last check
         stop = recorder.over_memory(state.at) or StopReason.BUDGET
     if stop is StopReason.INTERRUPTED:
         # The rows not yet written travel in the checkpoint and are written after the resume.
-        _checkpoint(run_dir, cfg, learner, state, recorder)
+        _checkpoint(run.run_dir, cfg, learner, state, recorder)
         recorder.event(state.at, Event.INTERRUPTED)
         recorder.finish(stop, {})
-        return RunResult(run_id, str(stop.status), {})
+        return RunResult(run.run_id, str(stop.status), {})
     recorder.flush()
     if stop is StopReason.BUDGET:
-        _checkpoint(run_dir, cfg, learner, state, recorder)  # a rerun has nothing left to do
+        _checkpoint(run.run_dir, cfg, learner, state, recorder)  # a rerun has nothing left to do
         if cfg.evaluation.test_at_end:
-            _evaluate(learner, data, cfg, state, recorder, TEST, full=True)
+            _evaluate(learner, run.data, cfg, state, recorder, TEST, full=True)
     summary = recorder.summary(state, stop) | {
         "n_params": sum(p.numel() for p in learner.raw.parameters()),
         "optimizer_state_bytes": optimizer_state_bytes(learner.optimizer),
         "optimizer_impl": getattr(learner.optimizer, "lmlab_impl", None),
+        "nonfinite_check": "device" if learner.device_check else "host",
     }
     recorder.finish(stop, summary)
-    return RunResult(run_id, str(stop.status), summary)
+    return RunResult(run.run_id, str(stop.status), summary)
+
+
+def flops_per_token(learner: Learner, cfg: RunConfig) -> float | None:
+    """Training FLOPs per token of the run's model at its (final) sequence length, for MFU."""
+    count = getattr(learner.raw, "flops_per_token", None)
+    return count(cfg.train.seq_len) if callable(count) else None
 
 
 def _micro_batches(batcher: TrainBatcher, start: int, batch: int, seq_len: int,

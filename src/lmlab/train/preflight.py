@@ -57,7 +57,10 @@ def preflight_config(cfg: RunConfig, lr: float | None = None,
     if lr is not None:
         tree["optimizer"]["lr"] = lr
     tree["schedule"] = {"name": "constant"}
-    tree["train"].update(seed=0, init_seed=None, data_seed=None, label_smoothing=0.0, z_loss=0.0, ema_decay=None)
+    # Every step's loss is read anyway, so the host checks finiteness (a skipped step must
+    # end the check, not pass unseen).
+    tree["train"].update(seed=0, init_seed=None, data_seed=None, label_smoothing=0.0, z_loss=0.0,
+                         ema_decay=None, nonfinite_check="host")
     return RunConfig.model_validate(tree)
 
 

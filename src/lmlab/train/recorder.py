@@ -8,6 +8,15 @@ on them, records events and evaluations, and writes the run's status, provenance
 Its ``state_dict()`` travels in the checkpoint, so rows buffered at a checkpoint are written
 after a resume, and a resumed run's detectors, peak memory and wall-clock continue.
 
+With the device-side finiteness check (``train.nonfinite_check``) each buffered step also holds
+its device flag; :meth:`Recorder.settle` reads them, with the losses, before anything is written
+(a log interval, a probe, an evaluation, a checkpoint), and a non-finite step found there is
+recorded exactly as the host check records it: at its own step, the steps computed after it
+(whose updates were skipped too) dropped.
+
+A packed run's members each have their own Recorder; ``pack`` names the pack, and its memory
+figures and budget checks are the pack's (one process), which its events and summary say.
+
 When a run stops early its rows stay in the store and its status says why (``StopReason``):
 a ``nan`` event is recorded before the optimizer step would have applied a non-finite update; a
 ``divergence`` event when an interval's loss is above ``divergence_factor`` times the first
@@ -22,10 +31,11 @@ from typing import Any
 
 import torch
 
-from lmlab.config import RunConfig
+from lmlab.config import RunConfig, TrainConfig
 from lmlab.names import (
     GRAD_NORM,
     LR,
+    MFU,
     PEAK_MEM,
     PEAK_MEM_RESERVED,
     STEP_TIME,
@@ -38,6 +48,7 @@ from lmlab.names import (
 from lmlab.store import Store
 from lmlab.train.diagnostics import SpikeDetector
 from lmlab.train.memory import read_peak
+from lmlab.train.mfu import peak_flops
 from lmlab.train.state import Point, RunState, StopReason
 
 
@@ -50,6 +61,7 @@ class StepRow:
     loss: torch.Tensor | float
     grad_norm: torch.Tensor | float
     lr: float
+    bad: torch.Tensor | float = 0.0  # the device-side check's flag until settled (1.0: non-finite)
 
 
 @dataclass(frozen=True)
@@ -62,11 +74,19 @@ class Interval:
 
 
 class Recorder:
-    def __init__(self, store: Store, run_id: str, cfg: RunConfig, device: torch.device) -> None:
+    def __init__(self, store: Store, run_id: str, cfg: RunConfig, device: torch.device,
+                 flops_per_token: float | None = None) -> None:
         self.store = store
         self.run_id = run_id
         self.device = device
+        self.train = cfg.train
         self.diag = cfg.evaluation.diagnostics
+        # MFU: model FLOPs per token over the device's peak (lmlab.train.mfu), when both known.
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops(device, cfg.train.precision, cfg.train.tf32)
+        self.pack: list[str] | None = None  # the run ids of its pack, when packed
+        # A pack's members share one wait for the device (see settle): {step: seconds}.
+        self.pack_wait: dict[int, float] | None = None
         self.max_mem = cfg.budget.max_memory_mb * 2**20 if cfg.budget.max_memory_mb else None
         self.pending: list[StepRow] = []
         self.spikes = SpikeDetector.from_config(self.diag)
@@ -101,12 +121,19 @@ class Recorder:
         """The run's own facts at its end (final metrics are defined from the rows, in
         :mod:`lmlab.analysis.records`)."""
         peak = read_peak(self.device)
-        return {
+        out = {
             "steps": state.step, "tokens": state.tokens, "train_s": state.seconds,
             "wall_s": self.wall_s(), "stop": str(stop), "reason": stop.reason,
             "peak_mem_bytes": max(peak.peak_bytes, self.earlier_peak),
             "peak_mem_kind": peak.kind, "peak_mem_reserved_bytes": peak.reserved_bytes,
+            "flops_per_token": self.flops_per_token, "peak_flops": self.peak_flops,
         }
+        if self.pack is not None:
+            # Its memory is the pack's, and its training seconds are the pack's steps: each
+            # member was trained during all of them.
+            out["packed_with"] = [r for r in self.pack if r != self.run_id]
+            out["peak_mem_of"] = "pack"
+        return out
 
     def wall_s(self) -> float:
         return self.earlier_wall_s + time.perf_counter() - self.segment_start
@@ -130,14 +157,50 @@ class Recorder:
     def compile_fallback(self, state: RunState, reason: str) -> None:
         self.event(state.at, Event.COMPILE_FALLBACK, {"reason": reason})
 
-    def step(self, at: Point, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> None:
-        self.pending.append(StepRow(at, loss, grad_norm, lr))
+    def step(self, at: Point, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float,
+             bad: torch.Tensor | None = None) -> None:
+        self.pending.append(StepRow(at, loss, grad_norm, lr, 0.0 if bad is None else bad))
+
+    def settle(self, state: RunState, probe: dict[str, float] | None = None) -> StopReason | None:
+        """Read the device-side flags of the buffered steps (a no-op when the host checked them).
+        A non-finite step among them is recorded as :meth:`non_finite` records it, the steps
+        computed after it are dropped and ``state`` goes back to before it. ``probe``: what the
+        last step's diagnostics saw, recorded with it if it is the bad one."""
+        live = [r for r in self.pending if isinstance(r.bad, torch.Tensor)]
+        if not live:
+            return None
+        t0 = time.perf_counter()
+        flags = torch.stack([r.bad for r in live]).tolist()  # waits for the device
+        for r, flag in zip(live, flags, strict=True):
+            r.bad = flag
+        # Training time the host did not see (it ran ahead of the device): the interval's step
+        # time and tokens/sec stay exact, rows inside an interval carry the host's clock.
+        waited = time.perf_counter() - t0
+        last = self.pending[-1]
+        if self.pack_wait is not None:  # the first member to read waited for the whole pack
+            if last.at.step not in self.pack_wait:
+                self.pack_wait.clear()
+                self.pack_wait[last.at.step] = waited
+            waited = self.pack_wait[last.at.step]
+        last.at = last.at._replace(seconds=last.at.seconds + waited)
+        state.seconds += waited
+        i = next((i for i, r in enumerate(self.pending) if r.bad), None)
+        if i is None:
+            return None
+        row = self.pending[i]
+        before = self.pending[i - 1].at if i > 0 else self.interval_start
+        state.rewind(before, _samples_after(self.train, before.step), row.at.seconds)
+        probe = probe if probe is not None and row is last else {}
+        del self.pending[i:]
+        return self.non_finite(row.at, torch.as_tensor(row.loss), torch.as_tensor(row.grad_norm),
+                               row.lr, probe)
 
     def flush(self) -> Interval | None:
         """Write the buffered steps and the interval's speed and memory in one transaction, and
         run the spike detector on them."""
         if not self.pending:
             return None
+        assert not any(isinstance(r.bad, torch.Tensor) for r in self.pending), "settle() first"
         self._to_host()
         rows = []
         for r in self.pending:
@@ -155,6 +218,8 @@ class Recorder:
         if steps > 0 and seconds > 0:
             tokens_per_s = (last.tokens - self.interval_start.tokens) / seconds
             extra.update({STEP_TIME: seconds / steps, TOKENS_PER_S: tokens_per_s})
+            if self.flops_per_token and self.peak_flops:
+                extra[MFU] = tokens_per_s * self.flops_per_token / self.peak_flops
         rows[-1][3].update(extra)
         self.store.log_many(self.run_id, rows)
         mean_loss = sum(float(r.loss) for r in self.pending) / len(self.pending)
@@ -190,8 +255,13 @@ class Recorder:
             return None
         self.event(at, Event.OVER_BUDGET, {"peak_mem_bytes": peak.peak_bytes,
                                            "peak_mem_kind": peak.kind,
-                                           "max_memory_mb": self.max_mem / 2**20})
+                                           "max_memory_mb": self.max_mem / 2**20,
+                                           **self._memory_scope()})
         return StopReason.OVER_MEMORY
+
+    def _memory_scope(self) -> dict[str, Any]:
+        """A packed run's memory is its pack's: its memory events say so."""
+        return {} if self.pack is None else {"peak_mem_of": "pack", "pack": self.pack}
 
     def non_finite(self, at: Point, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float,
                    probe: dict[str, float]) -> StopReason:
@@ -208,7 +278,7 @@ class Recorder:
         self.event(at, Event.OOM, {"error": f"{type(error).__name__}: {error}"[:2000],
                                    "peak_mem_bytes": peak.peak_bytes, "peak_mem_kind": peak.kind,
                                    "max_memory_mb": None if self.max_mem is None
-                                   else self.max_mem / 2**20})
+                                   else self.max_mem / 2**20, **self._memory_scope()})
         return StopReason.OOM
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -225,6 +295,7 @@ class Recorder:
             r.loss, r.grad_norm = loss, gnorm
 
     def state_dict(self) -> dict[str, Any]:
+        assert not any(isinstance(r.bad, torch.Tensor) for r in self.pending), "settle() first"
         self._to_host()
         return {
             "pending": [[*r.at, r.loss, r.grad_norm, r.lr] for r in self.pending],
@@ -243,3 +314,9 @@ class Recorder:
         self.earlier_wall_s = float(state.get("wall_s", 0.0))
         self.earlier_peak = int(state.get("peak_mem_bytes", 0))
         self.segment_start = time.perf_counter()
+
+
+def _samples_after(train: TrainConfig, steps: int) -> int:
+    """Training sequences consumed by ``steps`` optimizer steps, following the batch ramp."""
+    ramp = min(steps, train.batch_ramp_steps)
+    return sum(train.batch_size_at(s) for s in range(ramp)) + (steps - ramp) * train.batch_size

@@ -5,7 +5,7 @@ and a resumed run continues from ``load_state_dict()`` as if it had never stoppe
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, NamedTuple
 
@@ -71,7 +71,11 @@ def eval_cadence(cfg: EvaluationConfig) -> tuple[str, float]:
 
 @dataclass
 class RunState:
-    """Counters, the evaluation cadence and the RNG: what the loop's decisions read."""
+    """Counters, the evaluation cadence and the RNG: what the loop's decisions read.
+
+    The RNG is torch's global one, which a solo run's dropout draws from; a packed member draws
+    from its own ``generator`` instead, saved in the same place, so a member's checkpoint
+    resumes solo or packed alike (see :mod:`lmlab.model.stacked`)."""
 
     step: int = 0  # optimizer steps taken
     samples: int = 0  # training sequences consumed: the position in the data order
@@ -79,6 +83,7 @@ class RunState:
     seconds: float = 0.0  # training seconds
     next_eval: float = math.nan  # the cadence quantity at which the next evaluation is due
     rng: dict[str, Any] = field(default_factory=dict)  # filled by state_dict()
+    generator: torch.Generator | None = field(default=None, repr=False, compare=False)
 
     @property
     def at(self) -> Point:
@@ -100,6 +105,11 @@ class RunState:
         self.seconds += seconds
         return Point(self.step + 1, self.tokens + sequences * seq_len, self.seconds)
 
+    def rewind(self, to: Point, samples: int, seconds: float) -> None:
+        """Back to ``to`` (a step found non-finite after later ones were computed, with the
+        device-side check: their time counts up to ``seconds``, their counters do not)."""
+        self.step, self.tokens, self.samples, self.seconds = to.step, to.tokens, samples, seconds
+
     def eval_due(self, cadence: tuple[str, float], budget: BudgetConfig) -> bool:
         """Whether the cadence quantity crossed the next multiple of its spacing (then the next
         one is scheduled). Called once per step."""
@@ -118,11 +128,23 @@ class RunState:
         rng: dict[str, Any] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        return {**asdict(self), "rng": rng}
+        g = self.generator
+        if g is not None:
+            rng["torch" if g.device.type == "cpu" else "device"] = g.get_state()
+        return {**{k: getattr(self, k) for k in _COUNTERS}, "rng": rng}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("step", "samples", "tokens", "seconds", "next_eval"):
+        for key in _COUNTERS:
             setattr(self, key, state[key])
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        rng, g = state["rng"], self.generator
+        if g is not None and g.device.type == "cpu":
+            g.set_state(rng["torch"])
+        else:
+            torch.set_rng_state(rng["torch"])
+        if g is not None and g.device.type != "cpu" and "device" in rng:
+            g.set_state(rng["device"])
+        elif "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+_COUNTERS = ("step", "samples", "tokens", "seconds", "next_eval")
