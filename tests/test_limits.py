@@ -35,7 +35,8 @@ from lmlab.spec.footprint import (
     optimizer_state_bytes as estimated_state_bytes,
 )
 from lmlab.spec.load import MAX_VALUES, load_yaml, upgrade_run_doc, validate
-from lmlab.train.step import build_learner, loss_terms, train_step
+from lmlab.train.loss import linear_cross_entropy
+from lmlab.train.step import build_learner, train_step
 from test_spec import base_spec, line_of, refused, write
 
 KNOBS = {"activation": ["gelu", "swiglu"], "bias": [True, False],
@@ -96,20 +97,20 @@ def _saved_bytes(fn, exclude: set[int]) -> tuple[int, object]:
 
 
 def _measured_activations(cfg: RunConfig, vocab: int) -> tuple[int, int]:
-    """(what one micro-batch's forward and loss keep for backward, the logits included; what one
-    block's forward alone keeps)."""
+    """(what one micro-batch's forward and loss keep for backward, as the training step computes
+    them: the hidden states into the fused head and loss; what one block's forward alone keeps)."""
     learner = build_learner(cfg, vocab, torch.device("cpu"))
     params = {p.untyped_storage().data_ptr() for p in learner.raw.parameters()}
     x = torch.randint(0, vocab, (cfg.train.micro_batch_size, cfg.train.seq_len))
 
     def forward() -> torch.Tensor:
         with learner.autocast():
-            logits = learner.forward(x)
-        loss_terms(logits, x, 0.0, 0.0)
-        return logits
+            hidden = learner.forward(x)
+            _, objective = linear_cross_entropy(hidden.flatten(0, 1)[None], learner.head[None],
+                                                x.flatten()[None])
+        return objective
 
-    saved, logits = _saved_bytes(forward, params)
-    saved += logits.untyped_storage().nbytes()  # alive until backward has used it
+    saved, _ = _saved_bytes(forward, params)
     block = learner.raw.blocks[0]
     h = torch.randn(*x.shape, cfg.model.d_model, requires_grad=True)
     with learner.autocast():

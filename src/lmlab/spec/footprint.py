@@ -6,7 +6,9 @@ optimizer state from how each optimizer keeps it (AdamW two moments, Muon a mome
 and AdamW's moments elsewhere, Adafactor factored rows and columns, ...), and the activations
 from what autograd keeps for the backward pass of one micro-batch (per block, after Korthikanti
 et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", counted for this
-model's own ops), plus the logits and their log-softmax.
+model's own ops), plus what the fused head and loss (``lmlab.train.loss``) keep: the gradients
+with respect to the hidden states and the head, computed in the forward pass (the ``[tokens,
+vocab]`` logits are never held whole).
 
 The total is a lower bound of the peak: the allocator's fragmentation, temporary buffers, the
 CUDA context and the Python process itself come on top. So a config whose estimate is already
@@ -115,8 +117,8 @@ def optimizer_state_bytes(cfg: RunConfig, lay: Layout) -> int:
 
 def activation_bytes(cfg: RunConfig, vocab_size: int) -> int:
     """What autograd keeps for one micro-batch's backward pass (inputs of norms, matmuls,
-    activation functions and attention; dropout masks), plus the logits and their log-softmax,
-    both alive until the backward pass has used them."""
+    activation functions and attention; dropout masks), plus the fused head's gradients for the
+    hidden states and the head weight, alive until the backward pass has used them."""
     m, tc = cfg.model, cfg.train
     tokens = tc.micro_batch_size * tc.seq_len
     d, f, heads, t = m.d_model, m.mlp_width, m.n_head, tc.seq_len
@@ -143,11 +145,11 @@ def activation_bytes(cfg: RunConfig, vocab_size: int) -> int:
     checkpointed = len(range(0, m.n_layer, every)) if every else 0
     per_token = (m.n_layer - checkpointed) * block + checkpointed * d * wide  # a checkpointed
     # block keeps only its input, and is recomputed one at a time once the head's backward has
-    # freed the logits
-    head = d * wide + 2 * wide + d * narrow + 2 * vocab_size * FP32  # final norm, head input,
-    # logits and their log-softmax
+    # used its saved gradients
+    head = d * wide + 2 * wide + d * wide  # final norm's input and statistics; the gradient for
+    # the hidden states (the final norm's output dtype)
     per_token += max(head, block if checkpointed else 0)
-    return tokens * per_token
+    return tokens * per_token + vocab_size * d * FP32  # + the head weight's gradient (fp32)
 
 
 @dataclass(frozen=True)
