@@ -18,6 +18,7 @@ holds a run (nothing is written), ``EXIT_ORPHANED`` when the driver died.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
 import traceback
@@ -37,9 +38,12 @@ from lmlab.execute.lease import (
     watch_driver,
 )
 from lmlab.execute.local import stop_on_signals
-from lmlab.names import LEASE_FILE, LOCK_FILE, RUNS_DIR, Status
+from lmlab.names import LEASE_FILE, LOCK_FILE, RESULT_SPEC, RUNS_DIR, Status
+from lmlab.spec.expand import addendum_requested
+from lmlab.spec.schema import Spec
 from lmlab.store import Store
 from lmlab.train.loop import train
+from lmlab.train.memory import KEEP_FREED_ENV
 from lmlab.train.pack import Member, train_pack
 
 
@@ -65,12 +69,15 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 lease.acquire(wait_s=RUN_LEASE_WAIT_S)
             except LeaseHeld as e:
-                print(f"error: run {run_id} already has a live worker, {e.holder.describe()}, "
-                      f"that did not stop within {RUN_LEASE_WAIT_S:.0f} s; stop it (kill "
-                      f"{e.holder.pid} on {e.holder.host}) and rerun", file=sys.stderr)
+                # The driver names the run(s) this worker was started for.
+                print(f"error: already has a live worker, {e.holder.describe()}, that did not "
+                      f"stop within {RUN_LEASE_WAIT_S:.0f} s; stop it (kill {e.holder.pid} on "
+                      f"{e.holder.host}) and rerun", file=sys.stderr)
                 return EXIT_BUSY
             leases.append(lease)
             lease.keep_renewed()
+        if _measures_memory(args.out_dir):  # its peaks as glibc's allocator gives them
+            os.environ[KEEP_FREED_ENV] = "0"
         with stop_on_signals() as stop:
             orphaned = _stop_when_orphaned(args, stop, leases)
             code = _run(args, stop) if len(args.run_ids) == 1 else _run_pack(args, stop)
@@ -78,6 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for lease in leases:
             lease.release()
+
+
+def _measures_memory(out_dir: Path) -> bool:
+    """Whether the experiment asks for the Memory / Systems addendum (``lmlab.train.memory``:
+    its runs keep the allocator's defaults)."""
+    with Store.open(out_dir) as store:
+        stored = store.get_result(RESULT_SPEC)
+    return stored is not None and addendum_requested(Spec.model_validate(stored["spec"]))
 
 
 def _stop_when_orphaned(args: argparse.Namespace, stop: threading.Event,

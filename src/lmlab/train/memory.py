@@ -8,13 +8,18 @@ peak rather than the process's lifetime maximum.
 tcmalloc play in Intel's PyTorch CPU tuning guide): glibc hands each freed block above its mmap
 threshold back to the kernel, so every training step faults its activations in again, page by
 page, zero-filled. Measured at 4 layers x 256, seq 256, batch 16 (one thread): 26k page faults
-and 0.067 s of system time per step before, 2k and 0.006 s after.
+and 0.067 s of system time per step before, 2k and 0.006 s after. The price is a fragmented
+heap, which can raise the peak resident set: in ``tests/test_systems.py``'s memory experiment it
+hid most of what activation checkpointing saves (11 MiB of ~35 MiB). So an experiment that
+measures memory (the Memory / Systems addendum) trains with the allocator as glibc ships it: its
+workers set ``LMLAB_KEEP_FREED_MEMORY=0`` (``lmlab.execute.worker``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import resource
 import sys
 from dataclasses import dataclass
@@ -45,14 +50,16 @@ def reset_peak(device: torch.device) -> None:
 # glibc's mallopt parameters (malloc.h) and the values set: blocks up to 32 MiB (the most glibc
 # allows) come from the heap, and up to 1 GiB of freed heap stays with the process.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+KEEP_FREED_ENV = "LMLAB_KEEP_FREED_MEMORY"
 _MMAP_THRESHOLD, _TRIM_THRESHOLD = 32 * 2**20, 2**30
 
 
 def keep_freed_memory(device: torch.device) -> bool:
     """On a CPU run under glibc, keep freed memory for the next step instead of returning it to
-    the kernel (see the module docstring). The peak resident set, which memory budgets are
-    checked against, is unchanged: the same blocks are reused. Returns whether it was set."""
-    if device.type != "cpu" or not sys.platform.startswith("linux"):
+    the kernel (see the module docstring), unless ``LMLAB_KEEP_FREED_MEMORY=0``. Returns whether
+    it was set."""
+    if device.type != "cpu" or not sys.platform.startswith("linux") or \
+            os.environ.get(KEEP_FREED_ENV) == "0":
         return False
     try:
         libc = ctypes.CDLL(None)

@@ -41,7 +41,7 @@ from lmlab.errors import UserError
 from lmlab.identity import digest
 from lmlab.model.stacked import StackedGPT
 from lmlab.model.wrap import CompileFallback
-from lmlab.names import VAL
+from lmlab.names import VAL, Event
 from lmlab.optim import build_schedule, set_lr
 from lmlab.store import Store
 from lmlab.train.diagnostics import Diagnostics
@@ -139,16 +139,19 @@ def _set_up(member: Member, pack: list[str], store: Store, data: DataBundle,
     if device.type == "cpu":
         generator.set_state(torch.get_rng_state())
     else:
-        generator.manual_seed(cfg.train.seed)
-    batcher = TrainBatcher(data.splits["train"], cfg.train.seed, cfg.train.seq_len).to(device)
+        generator.manual_seed(cfg.train.init_seed_used)
+    batcher = TrainBatcher(data.splits["train"], cfg.train.data_seed_used,
+                           cfg.train.seq_len).to(device)
     probe_x = next(iter_eval_batches(data.splits["valid"], cfg.train.seq_len, 4, 1))[0]
     diagnostics = Diagnostics(cfg.evaluation.diagnostics, learner.raw, probe_x.to(device))
     state = RunState(generator=generator)
     recorder = Recorder(store, member.run_id, cfg, device, flops_per_token(learner, cfg))
     recorder.pack = pack
-    resumed = _resume(member.run_dir, cfg, learner, state, recorder)
+    resumed, damaged = _resume(member.run_dir, cfg, learner, state, recorder)
     recorder.start(state, resumed, _provenance(data, device) | {
         "packed": {"pack": pack, "members": len(pack), "index": pack.index(member.run_id)}})
+    for aside in damaged:  # after start(): it drops the events past the resumed step
+        recorder.event(state.at, Event.CHECKPOINT_DAMAGED, aside.detail())
     run = Run(member.run_id, cfg, member.run_dir, data, learner, diagnostics, state, recorder,
               eval_cadence(cfg.evaluation))
     return _Member(run, batcher, build_schedule(cfg.schedule), resumed)
