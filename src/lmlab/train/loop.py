@@ -29,6 +29,7 @@ from lmlab.model.wrap import CompileFallback
 from lmlab.names import TEST, VAL, Event
 from lmlab.optim import build_schedule, optimizer_state_bytes, set_lr
 from lmlab.store import Store
+from lmlab.store.ingest import Outbox
 from lmlab.store.provenance import capture
 from lmlab.train.checkpoint import SetAside, check_belongs, resume_checkpoint, save_checkpoint
 from lmlab.train.diagnostics import Diagnostics
@@ -84,11 +85,12 @@ class Run:
     last_val: float | None = None  # the last validation loss, for progress lines
 
 
-def train(cfg: RunConfig, run_id: str, store: Store, run_dir: Path, *, base: Path | None = None,
-          on_log: Callable[[LogLine], None] | None = None,
+def train(cfg: RunConfig, run_id: str, store: Store | Outbox, run_dir: Path, *,
+          base: Path | None = None, on_log: Callable[[LogLine], None] | None = None,
           should_stop: Callable[[], bool] | None = None, data: DataBundle | None = None,
           ) -> RunResult:
-    """Train one configuration. Resumes from ``run_dir``'s checkpoint when there is one."""
+    """Train one configuration. Resumes from ``run_dir``'s checkpoint when there is one.
+    ``store``: where its records go, this host's store or (a remote worker) the outboxes."""
     # ---- set up: data, learner, and the checkpoint's state when resuming -----------------------
     device = resolve_device(cfg.train.device)
     data = data or prepare_data(cfg.data, cfg.tokenizer, base)
