@@ -141,6 +141,8 @@ RESULT_PLAN = "experiment/plan"
 RESULT_PREFLIGHT = "experiment/preflight"
 # The sequential design of an experiment run --until-settled: its rounds and every look.
 RESULT_SEQUENTIAL = "experiment/sequential"
+# The cluster jobs a remote driver submitted, by a unit's first run: a restarted driver adopts them.
+RESULT_JOBS = "execute/jobs"
 
 
 # -- config paths several modules reason about ------------------------------------------------
