@@ -67,7 +67,7 @@ def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
-            head.wait(60)
+            head.wait(15)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
 
@@ -198,3 +198,29 @@ def test_submitit_local_executor_stores_what_the_local_executor_stores(
     # Checkpoints and batches lived under the storage; the store is the driver's alone.
     assert len(list((tmp_path / "shared").glob(f"{RUNS_DIR}/*/{CHECKPOINT_FILE}"))) == 4
     assert not list(out.glob(f"{RUNS_DIR}/*/{CHECKPOINT_FILE}"))
+
+
+def test_a_restarted_slurm_driver_adopts_the_jobs_still_running(
+        spec_path: Path, tmp_path: Path, local_reference: dict) -> None:
+    """Slurm keeps a job running when the driver that submitted it dies: the driver started
+    again picks the job up (it holds its runs' leases) instead of submitting it twice, and
+    ingests what it sent meanwhile."""
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["execution"] = {"executor": "slurm", "slurm": {"cluster": "local", "time_min": 10}}
+    path = tmp_path / "slurm.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = tmp_path / "slurm-restarted"
+    driver = lmlab_run(path, out, wait=False)
+    assert isinstance(driver, subprocess.Popen)
+    _wait_for(lambda: any(out.glob(f"{RUNS_DIR}/*/outbox/*.json")), "a job's first rows", driver)
+    with Store.open(out) as store:
+        before = store.get_result("execute/jobs")
+    os.kill(driver.pid, signal.SIGKILL)  # the driver only: its jobs are Slurm's (here: orphans)
+    driver.wait()
+    done = lmlab_run(path, out)
+    assert done.returncode == 0, done.stderr
+    same_rows(records(out), local_reference)
+    with Store.open(out) as store:
+        after = store.get_result("execute/jobs")
+    adopted = [first for first, job in before.items() if after[first]["job_id"] == job["job_id"]]
+    assert adopted, (before, after)  # at least the job that was running was not submitted again
