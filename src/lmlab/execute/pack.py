@@ -160,8 +160,14 @@ def command(pack: Pack, out_dir: Path, base: Path | None, *,
     """The worker process of a unit, a solo run or a pack (``lmlab.execute.worker`` trains
     either). It dies with this process (``--driver-pid``) and, given ``driver_token``, stops
     when the directory lock stops naming this driver."""
-    cmd = [sys.executable, "-m", "lmlab.execute.worker", str(out_dir), *pack.run_ids,
-           "--driver-pid", str(os.getpid())]
+    nproc = pack.runs[0].config.train.distributed.nproc
+    if nproc > 1:  # one run over several devices: torchrun starts its ranks (the worker, N times)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={nproc}", "-m", "lmlab.execute.worker", str(out_dir),
+               *pack.run_ids]
+    else:
+        cmd = [sys.executable, "-m", "lmlab.execute.worker", str(out_dir), *pack.run_ids,
+               "--driver-pid", str(os.getpid())]
     if driver_token is not None:
         cmd += ["--driver-token", driver_token]
     return cmd + (["--base", str(base)] if base is not None else [])

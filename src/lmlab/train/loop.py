@@ -33,6 +33,7 @@ from lmlab.store.ingest import Outbox
 from lmlab.store.provenance import capture
 from lmlab.train.checkpoint import SetAside, check_belongs, resume_checkpoint, save_checkpoint
 from lmlab.train.diagnostics import Diagnostics
+from lmlab.train.distributed import current, rank_share
 from lmlab.train.evaluate import evaluate
 from lmlab.train.memory import keep_freed_memory, reset_peak
 from lmlab.train.recorder import Interval, Recorder
@@ -108,7 +109,7 @@ def train(cfg: RunConfig, run_id: str, store: Store | Outbox, run_dir: Path, *,
     recorder.start(state, resumed, _provenance(data, device))
     for aside in damaged:  # after start(): it drops the events past the resumed step
         recorder.event(state.at, Event.CHECKPOINT_DAMAGED, aside.detail())
-    learner.forward = CompileFallback(learner.raw.hidden, cfg.train.compile,
+    learner.forward = CompileFallback(learner.forward, cfg.train.compile,
                                       partial(recorder.compile_fallback, state))
     batcher.to(device)  # a GPU gathers its batches from tokens already there
     keep_freed_memory(device)
@@ -223,11 +224,14 @@ def _micro_batches(batcher: TrainBatcher, start: int, batch: int, seq_len: int,
                    cfg: RunConfig) -> Iterator[MicroBatch]:
     """The step's ``batch`` sequences from sample ``start`` on, as micro-batches of at most
     ``train.micro_batch_size`` sequences, each weighted by its share of the step. Lazily: the
-    step's timing includes reading its data."""
-    for first in range(start, start + batch, cfg.train.micro_batch_size):
-        n = min(cfg.train.micro_batch_size, start + batch - first)
+    step's timing includes reading its data. One rank of a data-parallel run reads its share
+    of them (``rank_share``; all of them alone)."""
+    offset, share = rank_share(batch)
+    end = start + offset + share
+    for first in range(start + offset, end, cfg.train.micro_batch_size):
+        n = min(cfg.train.micro_batch_size, end - first)
         x, y = batcher.batch(first, n, seq_len)
-        yield x, y, n / batch
+        yield x, y, n / share
 
 
 def _evaluate(learner: Learner, data: DataBundle, cfg: RunConfig, state: RunState,
@@ -273,6 +277,7 @@ def _provenance(data: DataBundle, device: torch.device) -> dict[str, Any]:
         "data_hash": data.corpus.hash, "data_sha256": data.corpus.sha256,
         "tokenizer_hash": data.tokenizer.hash, "vocab_size": data.tokenizer.vocab_size,
         "device": str(device), "lmlab_version": __version__,
+        "world_size": current()[1],  # data-parallel ranks (lmlab.train.distributed)
     }
 
 

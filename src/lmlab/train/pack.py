@@ -72,6 +72,8 @@ def unpackable(cfg: RunConfig) -> str | None:
                 "fewer steps packed than solo")
     if cfg.train.activation_checkpointing:
         return "the stacked model does not checkpoint activations"
+    if cfg.train.distributed.nproc > 1:
+        return "it trains over several devices of its own (train.distributed)"
     if cfg.train.precision == "fp16":
         return "fp16's grad scaler skips steps for a whole run, not for one member"
     return None
