@@ -8,7 +8,10 @@ so the cluster's own start-up is timed once, separately) and ``--executor slurm`
 submitit's local executor, each in a fresh experiment directory, interleaved, and prints each
 path's wall-clock of the whole ``lmlab run`` and its ratio to the local executor's. The same
 runs train in every path (the tests check their rows are identical), so the difference is the
-executor: process start, task scheduling, outbox files and their ingestion.
+executor: process start, task scheduling, outbox files and their ingestion. Read the rows with
+their concurrency in mind: the local executor runs one run at a time on CPU (and times the plan
+first), ``local -j2`` two at a time, the 2-CPU Ray cluster two tasks at a time in worker
+processes it reuses, and submitit's local executor starts every job at once.
 """
 
 from __future__ import annotations
@@ -73,7 +76,8 @@ def start_ray(temp: Path) -> tuple[subprocess.Popen, str, float]:
          f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=0",
          "--include-dashboard=false", "--disable-usage-stats", "--object-store-memory=100000000",
          f"--temp-dir=/tmp/lmlab-bench-ray-{os.getpid()}"],
-        stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)  # noqa: SIM115
+        stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,  # noqa: SIM115
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})  # its "started" line, as it is printed
     while b"Ray runtime started" not in log.read_bytes():
         if head.poll() is not None:
             raise SystemExit(log.read_text())
@@ -96,9 +100,13 @@ def main() -> int:
             paths[name].write_text(yaml.safe_dump(spec(args.steps, executor), sort_keys=False))
         head, address, startup = start_ray(tmp)
         try:
-            times: dict[str, list[float]] = {"local": [], "ray": [], "slurm": []}
+            times: dict[str, list[float]] = {"local": [], "local -j2": [], "ray": [],
+                                             "slurm": []}
             for i in range(args.repeats):  # interleaved: a drift of the machine hits all three
                 times["local"].append(lmlab_run(paths["local"], tmp / f"local{i}"))
+                # Two at a time, as the 2-CPU Ray cluster runs them.
+                times["local -j2"].append(lmlab_run(paths["local"], tmp / f"localj{i}",
+                                                    "--parallel", "2"))
                 times["ray"].append(lmlab_run(paths["ray"], tmp / f"ray{i}", "--executor", "ray",
                                               "--address", address))
                 times["slurm"].append(lmlab_run(paths["slurm"], tmp / f"slurm{i}"))
@@ -110,7 +118,7 @@ def main() -> int:
     print(f"ray head start-up (once per cluster): {startup:.1f} s")
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"{name:>6}: {med:6.1f} s  ({med / local:.2f}x local)  runs: "
+        print(f"{name:>9}: {med:6.1f} s  ({med / local:.2f}x local)  runs: "
               + ", ".join(f"{t:.1f}" for t in ts))
     return 0
 

@@ -33,7 +33,8 @@ STEPS = 24  # per run: long enough to kill one mid-run, short enough for CI
 def _env() -> dict[str, str]:
     # One thread everywhere: a CPU matmul's reduction order (so its last bit) follows the
     # thread count, and the Ray task gets one CPU.
-    return {**os.environ, "OMP_NUM_THREADS": "1", "LMLAB_PROGRESS": "plain"}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "LMLAB_PROGRESS": "plain",
+            "PYTHONUNBUFFERED": "1"}  # the Ray head's "started" line, as it is printed
 
 
 def _free_port() -> int:
@@ -224,3 +225,25 @@ def test_a_restarted_slurm_driver_adopts_the_jobs_still_running(
         after = store.get_result("execute/jobs")
     adopted = [first for first, job in before.items() if after[first]["job_id"] == job["job_id"]]
     assert adopted, (before, after)  # at least the job that was running was not submitted again
+
+
+def test_a_run_over_two_ranks_trains_inside_one_ray_task(
+        spec_path: Path, tmp_path: Path, ray_address: str, local_reference: dict) -> None:
+    """train.distributed on a cluster: the Ray task (two CPUs) starts torchrun, rank 0 sends the
+    rows; the curve is the single-process one within fp32 summation order."""
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["meta"]["seeds"] = [0]
+    spec["controlled"]["train"]["distributed"] = {"nproc": 2}
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = tmp_path / "ray-ddp"
+    done = lmlab_run(path, out, "--executor", "ray", "--address", ray_address)
+    assert done.returncode == 0, done.stderr
+    got = records(out)
+    with Store.open(out) as store:
+        assert {r["provenance"]["world_size"] for r in store.runs()} == {2}
+    for rid, run in got.items():
+        want = local_reference[rid]["rows"]["train_loss"]
+        have = run["rows"]["train_loss"]
+        assert run["status"] == "completed" and [r[:2] for r in have] == [r[:2] for r in want]
+        assert max(abs(a[2] - b[2]) for a, b in zip(have, want, strict=True)) <= 1e-4, rid

@@ -17,7 +17,7 @@ from typing import Any
 
 from lmlab.errors import UserError
 from lmlab.execute.pack import Pack
-from lmlab.execute.remote import UnitJob, train_unit, unit_outcome
+from lmlab.execute.remote import UnitJob, for_ranks, train_unit, unit_outcome
 
 GENERIC = ("any", "", "cpu", "cuda")
 
@@ -49,7 +49,10 @@ class RayBackend:
         self.remote = ray.remote(train_unit)
 
     def submit(self, unit: Pack, job: UnitJob) -> Any:
-        return self.remote.options(name=f"lmlab {unit.run_ids[0]}", **self.options).remote(job)
+        options = dict(self.options)
+        options["num_cpus"], options["num_gpus"] = for_ranks(unit, options["num_cpus"],
+                                                             options["num_gpus"])
+        return self.remote.options(name=f"lmlab {unit.run_ids[0]}", **options).remote(job)
 
     def adopt(self, record: dict[str, Any]) -> Any | None:
         return None  # Ray ends the tasks of a driver that died: they are submitted again

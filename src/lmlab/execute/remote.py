@@ -21,11 +21,14 @@ submits the rest, which resume from their checkpoints.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -41,6 +44,8 @@ from lmlab.spec.expand import PlannedRun
 from lmlab.spec.schema import Execution
 from lmlab.store import Store
 from lmlab.store.ingest import Outbox, read_outbox
+from lmlab.train import distributed
+from lmlab.train.distributed import NullSink
 from lmlab.train.loop import train
 from lmlab.train.pack import Member, train_pack
 
@@ -111,6 +116,13 @@ def backend_for(options: ExecutorOptions, storage: Path, hardware: str) -> Backe
                         gpus=options.gpus_per_run, hardware=hardware)
 
 
+def for_ranks(unit: Pack, cpus: float, gpus: float) -> tuple[float, float]:
+    """What one unit asks the cluster for, given what one run asks: a run over N devices
+    (``train.distributed.nproc``) needs N times the GPUs and at least N CPUs."""
+    n = unit.runs[0].config.train.distributed.nproc
+    return (max(cpus, n), gpus * n) if n > 1 else (cpus, gpus)
+
+
 # ---- the worker's side ------------------------------------------------------------------------
 
 
@@ -146,10 +158,14 @@ def _train_unit(job: UnitJob) -> dict[str, str]:
     problem = hardware_problem(job.hardware)
     if problem is not None:
         raise UserError(problem, field="controlled.hardware")
+    first = RunConfig.model_validate_json(job.configs[0])
+    if first.train.distributed.nproc > 1 and not distributed.launched():
+        return _launch_ranks(job, first.train.distributed.nproc)
+    rank = distributed.init(first)  # None unless this is one of torchrun's ranks
     storage = Path(job.storage)
     leases: list[Lease] = []
     try:
-        for run_id in job.run_ids:
+        for run_id in job.run_ids if rank is None or rank.records else ():
             lease = Lease(storage / RUNS_DIR / run_id / LEASE_FILE,
                           command=f"remote worker of run {run_id}")
             lease.acquire(wait_s=TTL_S + 2 * RENEW_EVERY_S)
@@ -158,8 +174,10 @@ def _train_unit(job: UnitJob) -> dict[str, str]:
         should_stop = _stop_check(Path(job.stop_file), leases)
         base = Path(job.base) if job.base else None
         cfgs = [RunConfig.model_validate_json(c) for c in job.configs]
+        # A data-parallel run: rank 0 sends the rows, the other ranks only train.
+        records = Outbox(storage) if rank is None or rank.records else NullSink(job.run_ids[0])
         if len(cfgs) == 1:
-            results = [train(cfgs[0], job.run_ids[0], Outbox(storage),
+            results = [train(cfgs[0], job.run_ids[0], records,
                              storage / RUNS_DIR / job.run_ids[0], base=base,
                              should_stop=should_stop)]
         else:
@@ -170,6 +188,42 @@ def _train_unit(job: UnitJob) -> dict[str, str]:
     finally:
         for lease in leases:
             lease.release()
+        distributed.shutdown()
+
+
+def _launch_ranks(job: UnitJob, nproc: int) -> dict[str, str]:
+    """A run over ``nproc`` devices inside one task or job: torchrun starts its ranks on this
+    node (``python -m lmlab.execute.remote JOB_FILE``, each one :func:`_train_unit`), and the
+    task waits for them. Its rows come from rank 0's outbox, so only the exit status is read."""
+    (run_id,) = job.run_ids
+    run_dir = Path(job.storage) / RUNS_DIR / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    job_file = run_dir / "job.json"
+    job_file.write_text(json.dumps(asdict(job)))
+    log = run_dir / "ranks.log"
+    with open(log, "ab") as stderr:
+        code = subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                f"--nproc-per-node={nproc}", "-m", "lmlab.execute.remote",
+                                str(job_file)], stderr=stderr)
+    errors = [ln for ln in log.read_text(errors="replace").splitlines()
+              if ln.startswith("error: ")]
+    if code == 2 and errors:
+        raise UserError(errors[-1].removeprefix("error: "))
+    if code != 0:
+        raise RuntimeError(f"torchrun ended with exit status {code}; see {log}")
+    return {}
+
+
+def _rank_main(job_file: str) -> int:
+    """One rank of a data-parallel run inside a remote task (see :func:`_launch_ranks`)."""
+    d = json.loads(Path(job_file).read_text())
+    job = UnitJob(**{**d, "run_ids": tuple(d["run_ids"]), "configs": tuple(d["configs"]),
+                     "env": tuple(tuple(kv) for kv in d["env"])})
+    result = train_unit(job)
+    if result["user_error"]:
+        print(f"error: {result['user_error']}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _stop_check(stop_file: Path, leases: list[Lease]) -> Callable[[], bool]:
@@ -303,3 +357,7 @@ def unit_outcome(result: dict[str, Any] | None, crash: BaseException | None
     if result and result.get("user_error"):
         return str(result["user_error"]), True
     return None, False
+
+
+if __name__ == "__main__":
+    sys.exit(_rank_main(sys.argv[1]))

@@ -23,7 +23,7 @@ from typing import Any
 from lmlab.errors import UserError
 from lmlab.execute.lease import read_holder
 from lmlab.execute.pack import Pack
-from lmlab.execute.remote import UnitJob, train_unit, unit_outcome
+from lmlab.execute.remote import UnitJob, for_ranks, train_unit, unit_outcome
 from lmlab.names import LEASE_FILE, RUNS_DIR
 
 try:
@@ -94,12 +94,16 @@ class SlurmBackend:
                             "where jobs can be submitted, or set execution.slurm.cluster: local "
                             "to run the jobs on this machine", field="--executor")
         self.executor = submitit.AutoExecutor(folder=self.folder, cluster=self.cluster)
-        params = slurm_parameters(options, cpus=cpus, gpus=gpus, hardware=hardware)
+        self.options, self.cpus, self.gpus, self.hardware = options, cpus, gpus, hardware
+
+    def submit(self, unit: Pack, job: UnitJob) -> Any:
+        wants_gpu = self.hardware not in ("any", "", "cpu")
+        gpus = self.gpus if self.gpus is not None else (1 if wants_gpu else 0)
+        cpus, gpus = for_ranks(unit, self.cpus, gpus)
+        params = slurm_parameters(self.options, cpus=cpus, gpus=gpus, hardware=self.hardware)
         if self.executor.cluster != "slurm":  # the local executor knows none of Slurm's
             params = {k: v for k, v in params.items() if k in ("timeout_min", "gpus_per_node")}
         self.executor.update_parameters(name="lmlab", **params)
-
-    def submit(self, unit: Pack, job: UnitJob) -> Any:
         return self.executor.submit(SlurmUnit(), job)
 
     def adopt(self, record: dict[str, Any]) -> Any | None:
