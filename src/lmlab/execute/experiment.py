@@ -170,6 +170,10 @@ def run_experiment(plan: Plan, out_dir: Path, *, skip_preflight: bool = False,
 def _run_experiment(plan: Plan, out_dir: Path, skip_preflight: bool, force_new: bool,
                     parallel: int | None, pack: PackOption | None,
                     executor: ExecutorOptions) -> dict[str, Any]:
+    storage, hardware = executor.storage or out_dir, plan.spec.controlled.hardware
+    # The cluster first: one that cannot be reached (or is not there) is refused before anything
+    # is written or trained.
+    backend = backend_for(executor, storage, hardware) if executor.remote else None
     moved = open_experiment(plan, out_dir, force_new=force_new)
     data = prepare_plan_data(plan)
     if not executor.remote:  # on the device the runs will have, before any is built
@@ -195,11 +199,9 @@ def _run_experiment(plan: Plan, out_dir: Path, skip_preflight: bool, force_new: 
                                  "--skip-preflight")
     vocab = data.tokenizer.vocab_size
     units = lambda todo: plan_packs(plan, option, todo, vocab)  # noqa: E731
-    if executor.remote:
-        storage = executor.storage or out_dir
-        hardware = plan.spec.controlled.hardware
-        results = run_remote(plan.runs, out_dir, backend_for(executor, storage, hardware),
-                             storage=storage, units=units, base=plan.base, hardware=hardware)
+    if backend is not None:
+        results = run_remote(plan.runs, out_dir, backend, storage=storage, units=units,
+                             base=plan.base, hardware=hardware)
     else:
         results = run_sweep(plan.runs, out_dir, base=plan.base, parallel=parallel, units=units)
     return {"results": results, "preflight": preflight, "moved": moved}

@@ -72,9 +72,6 @@ class RayBackend:
     def record(self, handle: Any) -> dict[str, Any]:
         return {"executor": self.name, "task": handle.hex()}
 
-    def cancel(self, handle: Any) -> None:
-        self.ray.cancel(handle)
-
 
 def placement(cpus: float, gpus: float | None, hardware: str) -> dict[str, Any]:
     """The Ray task options that place one unit: its CPUs, its GPUs (one by default when the

@@ -95,6 +95,10 @@ def executor_options(execution: Execution, *, kind: str | None = None,
     if address is not None and kind != "ray":
         raise UserError("--address names a Ray cluster: it goes with --executor ray",
                         field="--address")
+    if storage is not None and kind == "local":
+        raise UserError("--storage is where a cluster's workers keep checkpoints and rows; the "
+                        "local executor keeps them in the experiment directory (--out)",
+                        field="--storage")
     slurm = execution.slurm.model_dump()
     slurm |= {k: v for k, v in (("partition", partition), ("time_min", time_min)) if v is not None}
     return ExecutorOptions(
@@ -257,7 +261,6 @@ class Backend(Protocol):
     def done(self, handle: Any) -> bool: ...
     def error(self, handle: Any) -> tuple[str | None, bool]: ...  # (message, a user's error?)
     def record(self, handle: Any) -> dict[str, Any]: ...  # what adopt() needs later
-    def cancel(self, handle: Any) -> None: ...
 
 
 def run_remote(runs: list[PlannedRun], out_dir: Path, backend: Backend, *, storage: Path,
@@ -269,7 +272,8 @@ def run_remote(runs: list[PlannedRun], out_dir: Path, backend: Backend, *, stora
         storage.mkdir(parents=True, exist_ok=True)
         stop_file = storage / f"stop-{lock.token}"
         try:
-            return _run_remote(runs, out_dir, backend, storage, units, base, hardware, stop_file)
+            return _run_remote(runs, out_dir, backend, storage, units, base, hardware, stop_file,
+                               lock)
         finally:
             stop_file.unlink(missing_ok=True)
 
@@ -281,7 +285,7 @@ def _drain(store: Store, storage: Path, run_ids: list[str]) -> None:
 
 def _run_remote(runs: list[PlannedRun], out_dir: Path, backend: Backend, storage: Path,
                 units: Callable[[list[PlannedRun]], list[Pack]], base: Path | None,
-                hardware: str, stop_file: Path) -> dict[str, str]:
+                hardware: str, stop_file: Path, lock: Lease) -> dict[str, str]:
     all_ids = [r.run_id for r in runs]
     with Store.open(out_dir) as store:
         for r in runs:
@@ -316,6 +320,8 @@ def _run_remote(runs: list[PlannedRun], out_dir: Path, backend: Backend, storage
         store.put_result(RESULT_JOBS, jobs)  # a restarted driver adopts what still runs
 
         while active:
+            if lock.lost.is_set() and not stop.is_set():  # another host judged this driver dead
+                stop.set()
             if stop.is_set() and not stop_file.exists():
                 stop_file.touch()  # every worker checkpoints and stops at its next step
             time.sleep(POLL_S)

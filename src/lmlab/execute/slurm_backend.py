@@ -132,9 +132,6 @@ class SlurmBackend:
         job = handle.job if isinstance(handle, _Adopted) else handle
         return {"executor": self.name, "cluster": self.executor.cluster, "job_id": job.job_id}
 
-    def cancel(self, handle: Any) -> None:
-        (handle.job if isinstance(handle, _Adopted) else handle).cancel(check=False)
-
 
 class _Adopted:
     """A local job started by a driver that died: done when it wrote its result or no longer

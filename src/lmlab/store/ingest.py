@@ -147,7 +147,6 @@ class RunSink:
     segment: int = field(default_factory=time.time_ns)
     seq: int = 0
     ops: list[list[Any]] = field(default_factory=list)
-    refused: bool = False  # a batch was refused as stale: this worker's run has a successor
 
     def truncate_after(self, step: int) -> None:
         self.ops.append(["truncate_after", [int(step)]])
@@ -182,8 +181,9 @@ class RunSink:
         batch = Batch(self.run_id, self.segment, self.seq, self.ops)
         self.ops = []
         self.seq += 1
-        if self.deliver(batch) is Ingested.STALE:
-            self.refused = True
+        # A stale batch is refused where it is ingested; its worker is stopped by its lease
+        # (lmlab.execute.lease), which the successor took over.
+        self.deliver(batch)
 
     def deliver(self, batch: Batch) -> Ingested | None:
         raise NotImplementedError
