@@ -81,30 +81,38 @@ def test_two_cpu_ranks_reproduce_the_single_process_curve(tmp_path: Path,
 
 def test_a_rank_killed_mid_run_leaves_a_run_that_resumes(tmp_path: Path,
                                                         articles_data: dict) -> None:
-    out = tmp_path / "exp"
+    """Through ``lmlab train --nproc-per-node 2``: SIGKILL rank 1 after a checkpoint; torchrun
+    ends the run (failed), and the same command again resumes it to completion."""
     steps = 60
-    cfg = _cfg(articles_data, 2, steps)
-    with Store.open(out) as store:
-        _add(store, "r", cfg)
-    proc = _torchrun(out, "r", wait=False)
-    assert isinstance(proc, subprocess.Popen)
+    tree = _cfg(articles_data, 1, steps).model_dump(mode="json")
+    config = tmp_path / "r.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    out = tmp_path / "exp"  # the run is r-s0: `lmlab train` names it after the file and seed
+    cmd = [sys.executable, "-m", "lmlab.cli", "train", str(config), "--out", str(out),
+           "--nproc-per-node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "train.log"  # a file, not a pipe nobody reads while it runs
+    with open(log, "wb") as stderr:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.monotonic() + 300
-    while not (out / "runs" / "r" / CHECKPOINT_FILE).exists():
-        assert proc.poll() is None and time.monotonic() < deadline, \
-            (out / "r.log").read_text()[-3000:]
+    while not (out / "runs" / "r-s0" / CHECKPOINT_FILE).exists():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.1)
-    holder = read_holder(out / "runs" / "r" / LEASE_FILE)  # rank 0 holds the run's lease
-    ranks = psutil.Process(proc.pid).children()
-    other = next(p for p in ranks if holder is None or p.pid != holder.pid)
-    os.kill(other.pid, signal.SIGKILL)
-    assert proc.wait(300) != 0
+    holder = read_holder(out / "runs" / "r-s0" / LEASE_FILE)  # rank 0 holds the run's lease
+    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
+             if "lmlab.execute.worker" in p.cmdline() and "torch.distributed.run" not in p.cmdline()]
+    assert len(ranks) == 2 and holder is not None and holder.pid in {p.pid for p in ranks}
+    os.kill(next(p.pid for p in ranks if p.pid != holder.pid), signal.SIGKILL)
+    assert proc.wait(300) == 1
     with Store.open(out) as store:
-        assert store.run("r")["status"] in ("failed", "interrupted", "running")
-    assert _torchrun(out, "r") == 0, (out / "r.log").read_text()[-3000:]
+        assert store.run("r-s0")["status"] in ("failed", "interrupted")
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
     with Store.open(out) as store:
-        assert store.run("r")["status"] == "completed"
-        assert [s for s, _ in _losses(store, "r")] == list(range(1, steps + 1))  # each once
-        assert store.events("r", "resume")
+        assert store.run("r-s0")["status"] == "completed"
+        assert store.run("r-s0")["provenance"]["world_size"] == 2
+        assert [s for s, _ in _losses(store, "r-s0")] == list(range(1, steps + 1))  # each once
+        assert store.events("r-s0", "resume")
 
 
 def test_a_global_batch_the_ranks_cannot_share_is_refused(tmp_path: Path,
@@ -120,3 +128,11 @@ def test_a_global_batch_the_ranks_cannot_share_is_refused(tmp_path: Path,
                           capture_output=True, text=True)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert "spec.yaml:" in done.stderr and "distributed.nproc" in done.stderr, done.stderr
+    config = tmp_path / "odd.yaml"  # the same batch, ranks asked for on the command line
+    config.write_text(yaml.safe_dump(tiny_config(articles_data, train={"batch_size": 9}
+                                                 ).model_dump(mode="json")))
+    done = subprocess.run([sys.executable, "-m", "lmlab.cli", "train", str(config), "--out",
+                           str(tmp_path / "odd"), "--nproc-per-node", "2"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "--nproc-per-node" in done.stderr and "not divisible" in done.stderr, done.stderr

@@ -38,8 +38,13 @@ def train(
                                                  "(default runs/<config name>)")] = None,
     data_dir: DataDir = None,
     fallback_corpus: FallbackCorpus = None,
+    nproc_per_node: Annotated[int | None, typer.Option(
+        "--nproc-per-node", min=1, help="train over N devices of this node with torchrun "
+        "(DDP; sets train.distributed.nproc, so it is part of the run's config)")] = None,
 ) -> None:
     """Train one configuration and record everything about it in DIR/lmlab.sqlite."""
+    from pydantic import ValidationError
+
     from lmlab.analysis.records import load_runs
     from lmlab.config import RunConfig
     from lmlab.execute.local import run_single
@@ -51,6 +56,14 @@ def train(
     use_data_dir(data_dir)
     doc = upgrade_run_doc(load_yaml(config))
     cfg = validate(doc, RunConfig)
+    if nproc_per_node is not None:
+        tree = cfg.model_dump(mode="json")
+        tree["train"]["distributed"]["nproc"] = nproc_per_node
+        try:
+            cfg = RunConfig.model_validate(tree)
+        except ValidationError as e:  # the global batch cannot be shared by the ranks
+            raise UserError(e.errors()[0]["msg"].removeprefix("Value error, "),
+                            field="--nproc-per-node") from None
     base = config.parent.resolve()
     if fallback_corpus is not None:
         with doc.located():
