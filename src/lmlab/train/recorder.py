@@ -78,8 +78,8 @@ class Interval:
 
 
 class Recorder:
-    def __init__(self, records: Store | Outbox | RunSink, run_id: str, cfg: RunConfig, device: torch.device,
-                 flops_per_token: float | None = None) -> None:
+    def __init__(self, records: Store | Outbox | RunSink, run_id: str, cfg: RunConfig,
+                 device: torch.device, flops_per_token: float | None = None) -> None:
         self.sink = sink_for(records, run_id)
         self.run_id = run_id
         self.device = device
