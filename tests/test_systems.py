@@ -183,7 +183,9 @@ def test_addendum_numbers_equal_what_the_store_holds(knobs) -> None:
     assert result.reference == "ref"
     assert [r.arm for r in result.rows] == list(ARMS)
     assert result.conditions_met, result.conditions
-    assert set(result.conditions) == {"fixed_tokens", "same_seed", "same_effective_batch"}
+    assert set(result.conditions) == {"fixed_tokens", "same_seed", "same_effective_batch",
+                                      "same_hardware"}
+    assert result.conditions["same_hardware"].ok
     assert result.conditions["fixed_tokens"].detail == {"planned": [5120], "reached": [5120]}
     for row in result.rows:
         run = store.run(ids[row.arm])

@@ -154,6 +154,16 @@ class ScheduleConfig(_Config):
     decay_frac: float = Field(0.2, gt=0, le=1, description="wsd: the final share spent decaying")
 
 
+class DistributedConfig(_Config):
+    """One run over several devices of one node (``lmlab.train.distributed``): ``nproc`` ranks
+    launched with torchrun, data parallel (DDP: gloo on CPU, NCCL on CUDA). The global batch
+    (``train.batch_size``) stays the controlled quantity: each rank trains ``batch_size /
+    nproc`` sequences of every step, in micro-batches of at most ``batch_size / grad_accum``."""
+
+    nproc: int = Field(1, ge=1)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
 class TrainConfig(_Config):
     # The run's seed. It fixes every random number of the run unless one of the parts below
     # overrides it (an experiment's ``controlled.seed_policy`` sets them).
@@ -193,6 +203,7 @@ class TrainConfig(_Config):
     # Start from pretrained GPT-2 weights: a directory with a HF GPT2LMHeadModel, or a hub id.
     init_from: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    distributed: DistributedConfig = DistributedConfig()
 
     @model_validator(mode="after")
     def _accum_divides(self) -> TrainConfig:
@@ -200,6 +211,12 @@ class TrainConfig(_Config):
             raise ValueError(
                 f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}"
             )
+        n = self.distributed.nproc
+        if n > 1 and self.batch_size % n:
+            raise ValueError(f"batch_size={self.batch_size} is not divisible by "
+                             f"distributed.nproc={n}: every rank trains an equal share of it")
+        if n > 1 and self.batch_ramp_steps:
+            raise ValueError("a batch-size ramp cannot be split over distributed.nproc ranks")
         return self
 
     @property

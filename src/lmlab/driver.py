@@ -30,6 +30,7 @@ from lmlab.analysis.verdict import HypothesisVerdict, judge_experiment
 from lmlab.errors import UserError
 from lmlab.execute.experiment import check_hardware, open_experiment, run_experiment
 from lmlab.execute.pack import PackOption
+from lmlab.execute.remote import ExecutorOptions
 from lmlab.names import FINISHED, RESULT_SEQUENTIAL, STORE_FILE
 from lmlab.spec.expand import Plan, check_until_settled, expand, seed_rounds, spec_checks
 from lmlab.store import Store
@@ -75,10 +76,11 @@ def design_of(plan: Plan, until_settled: bool | None = None,
 
 def run(plan: Plan, out_dir: Path, *, until_settled: bool | None = None,
         max_seeds: int | None = None, skip_preflight: bool = False, force_new: bool = False,
-        parallel: int | None = None, pack: PackOption | None = None) -> Outcome:
+        parallel: int | None = None, pack: PackOption | None = None,
+        executor: ExecutorOptions | None = None) -> Outcome:
     """Run the experiment in ``out_dir``: its declared seeds, or round after round until
     settled. Rerun to resume; a design already started continues as recorded. ``pack``: the
-    --pack option (default: the spec's ``execution.pack``)."""
+    --pack option (default: the spec's ``execution.pack``); ``executor``: where the runs train."""
     asked = design_of(plan, until_settled, max_seeds)
     stored = None if force_new else _stored(out_dir)
     if stored is not None:
@@ -96,7 +98,7 @@ def run(plan: Plan, out_dir: Path, *, until_settled: bool | None = None,
         record = {"design": design.to_json(), "rounds_started": 1, "looks": [], "stopped": None}
     else:
         done = run_experiment(plan, out_dir, skip_preflight=skip_preflight, force_new=force_new,
-                              parallel=parallel, pack=pack)
+                              parallel=parallel, pack=pack, executor=executor)
         return Outcome(done["results"], done["preflight"], done["moved"])
 
     grow = asked is not None
@@ -105,12 +107,12 @@ def run(plan: Plan, out_dir: Path, *, until_settled: bool | None = None,
         look = int(record["rounds_started"])
         seeds = sorted(design.seeds_through(look))
         round_plan = expand(plan.spec, plan.doc, seeds=seeds)
-        check_hardware(round_plan)
+        check_hardware(round_plan, executor)
         moved = moved or open_experiment(round_plan, out_dir, force_new=force_new)
         force_new = False  # the old results are aside; the next rounds extend this experiment
         _put(out_dir, record)  # the round is on record before any of its runs starts
         done = run_experiment(round_plan, out_dir, skip_preflight=skip_preflight,
-                              parallel=parallel, pack=pack)
+                              parallel=parallel, pack=pack, executor=executor)
         outcome = Outcome(done["results"], done["preflight"], moved, record)
         if outcome.unfinished:  # interrupted or failed: judge nothing until the round is whole
             return outcome

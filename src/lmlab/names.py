@@ -127,6 +127,9 @@ RUN_METRICS: dict[str, str] = {
     "step_time_s": "lower", "divergence_events": "lower", "nan_events": "lower",
     "spike_events": "lower", "max_grad_norm": "lower",
 }
+# What depends on the machine a run ran on: compared only between runs of one hardware (a
+# cluster may place the runs of one experiment on different GPU types).
+HARDWARE_METRICS = frozenset({"tokens_per_s", "peak_mem_bytes", "step_time_s"})
 END_METRICS = frozenset({"final_val_loss", "final_val_ppl", "final_val_bpb",
                          "final_val_word_ppl", "final_train_loss", "test_loss"})
 # Counts of events: each seed's value is an exact observation, not a noisy estimate.
@@ -141,6 +144,8 @@ RESULT_PLAN = "experiment/plan"
 RESULT_PREFLIGHT = "experiment/preflight"
 # The sequential design of an experiment run --until-settled: its rounds and every look.
 RESULT_SEQUENTIAL = "experiment/sequential"
+# The cluster jobs a remote driver submitted, by a unit's first run: a restarted driver adopts them.
+RESULT_JOBS = "execute/jobs"
 
 
 # -- config paths several modules reason about ------------------------------------------------

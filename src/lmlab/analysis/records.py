@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +48,7 @@ from lmlab.names import (
     Status,
     eval_metric,
 )
-from lmlab.store import MetricRow, Store
+from lmlab.store import MetricRow, Store, hardware_summary
 
 # An arm's statistics include a run's value of a metric when the run measured it: completed runs
 # always; diverged runs for what they measured before stopping (events, gradient norms, speed,
@@ -113,8 +113,23 @@ class RunRecord:
     def values(self, name: str) -> list[float]:
         return [r.value for r in self.curves.get(name, [])]
 
+    @property
+    def hardware(self) -> str | None:
+        """The hardware the run recorded (its provenance), None before it started: what decides
+        whether its speed and memory compare with another run's."""
+        if not self.provenance:
+            return None
+        return f"{hardware_summary(self.provenance)}, device {self.provenance.get('device', '?')}"
+
     def event_counts(self) -> dict[str, int]:
         return dict(Counter(e["kind"] for e in self.events))
+
+
+def mixed_hardware(runs: Iterable[RunRecord]) -> list[str]:
+    """The distinct hardware ``runs`` recorded when there is more than one (else empty): their
+    speed and memory are not comparable."""
+    seen = sorted({r.hardware for r in runs if r.hardware is not None})
+    return seen if len(seen) > 1 else []
 
 
 def load_runs(store: Store) -> list[RunRecord]:

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
 
-from lmlab.analysis.records import MEASURED_THROUGH, RunRecord
+from lmlab.analysis.records import MEASURED_THROUGH, RunRecord, mixed_hardware
 from lmlab.analysis.summary import Experiment
 from lmlab.config import flatten
 from lmlab.errors import UserError
@@ -181,7 +181,7 @@ class Addendum:
     reference: str
     rows: list[ArmSystems]
     comparisons: dict[str, Comparison]  # every arm but the reference
-    conditions: dict[str, Condition]  # fixed_tokens, same_seed, same_effective_batch
+    conditions: dict[str, Condition]  # fixed_tokens, same_seed, same_effective_batch, same_hardware
     memory_kind: str | None  # "rss" | "cuda_allocated" | None (mixed or unknown)
     compile_fallbacks: list[str]  # run ids that fell back to eager
     sdpa_pin_on_cpu: bool  # an arm varied model.sdpa_backend on CPU, where it has no effect
@@ -322,6 +322,9 @@ def _conditions(runs: list[RunRecord]) -> dict[str, Condition]:
         "same_effective_batch": Condition(len(batches) == 1, {
             "batch_size": {r.arm: flatten(r.config).get("train.batch_size") for r in runs},
             "micro_batches": micro}),
+        # Speed and memory are the hardware's as much as the arm's: across different hardware
+        # they are not compared at all (the loss comparisons still stand).
+        "same_hardware": Condition(not (mixed := mixed_hardware(runs)), {"hardware": mixed}),
     }
 
 
@@ -366,6 +369,11 @@ def systems_addendum(exp: Experiment) -> Addendum:
     comparisons = {row.arm: _comparison(row, ref_row, behaviour(exp.runs_of(reference),
                                                                 exp.runs_of(row.arm)))
                    for row in rows if row.arm != reference}
+    if mixed_hardware(exp.runs):
+        comparisons = {arm: replace(c, memory_saved_bytes=None, memory_saved_pct=None,
+                                    speed_change_pct=None, speed_change_spread_pct=None,
+                                    step_time_change_pct=None)
+                       for arm, c in comparisons.items()}
     kinds = {r.peak_mem_kind for r in rows if r.peak_mem_kind}
     return Addendum(
         reference=reference, rows=rows, comparisons=comparisons,

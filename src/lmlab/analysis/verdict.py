@@ -26,9 +26,11 @@ from typing import Any, Literal
 
 from lmlab.analysis.checks import CheckResult, Outcome, evaluate_check, is_test
 from lmlab.analysis.curvestats import arm_values as curve_values
+from lmlab.analysis.records import mixed_hardware
 from lmlab.analysis.sequential import SPENDING, Design, Level
 from lmlab.analysis.stats import holm
 from lmlab.analysis.summary import ArmSummary, Experiment, same_config
+from lmlab.names import HARDWARE_METRICS
 from lmlab.spec.schema import Check, ExpectedOutcome, SeedPolicy
 
 # (seed, value) per arm of one claim at one look; None: no such arm.
@@ -140,19 +142,35 @@ def judge_experiment(exp: Experiment, arms: Mapping[str, ArmSummary],
     return judge(claims, values, lambda x, y: same_config(exp, x, y),
                  lambda x, y: pairing(exp, x, y), alpha=alpha, design=design,
                  looks=max(1, min(looks or 1, len(design.rounds))) if design else None,
-                 prose=spec.outcomes if spec else [])
+                 prose=spec.outcomes if spec else [],
+                 comparable=lambda check: _hardware_differs(exp, check))
+
+
+def _hardware_differs(exp: Experiment, check: Check) -> str | None:
+    """Why a check on speed or memory cannot be judged: its arms' runs recorded different
+    hardware (``controlled.hardware`` is a frozen control; a cluster can break it)."""
+    if check.metric not in HARDWARE_METRICS:
+        return None
+    mixed = mixed_hardware([r for arm in (check.arm, check.than) if arm
+                            for r in exp.runs_of(arm)])
+    if not mixed:
+        return None
+    return (f"not comparable: {check.metric} depends on the hardware, and these runs ran on "
+            f"different hardware ({'; '.join(mixed)})")
 
 
 def judge(claims: Sequence[Claim | Check], values: ValuesFn,
           is_same_config: Callable[[str, str], bool],
           pairing_of: Callable[[str, str], Pairing] | None = None, *, alpha: float = 0.05,
           design: Design | None = None, looks: int | None = None,
-          prose: Sequence[ExpectedOutcome] = (), notes: bool = True) -> HypothesisVerdict:
+          prose: Sequence[ExpectedOutcome] = (), notes: bool = True,
+          comparable: Callable[[Check], str | None] | None = None) -> HypothesisVerdict:
     """Judge every claim. ``values(arm, check)`` gives the included ``(seed, value)`` per run
     (None for an arm the experiment does not have); ``is_same_config(a, b)`` detects A/A pairs;
     ``pairing_of(a, b)`` says whether two arms are compared seed by seed. ``notes``: attach
     power notes and probabilities of improvement to the final results (the verdicts do not
-    depend on them; the calibration simulations leave them out)."""
+    depend on them; the calibration simulations leave them out). ``comparable(check)``: why a
+    check cannot be judged at all (its values are not comparable), or None."""
     items = [c if isinstance(c, Claim) else Claim(c) for c in claims]
     pairing_of = pairing_of or (lambda a, b: Pairing(False, "unpaired"))
     seeds_of = [None] if design is None else [design.seeds_through(k)
@@ -165,14 +183,15 @@ def judge(claims: Sequence[Claim | Check], values: ValuesFn,
     last: dict[int, tuple[CheckResult, dict[str, Any]]] = {}
 
     for k, seeds in enumerate(seeds_of, 1):
-        inputs = [_inputs(c.check, values, is_same_config, pairing_of, seeds) for c in items]
+        inputs = [_inputs(c.check, values, is_same_config, pairing_of, seeds, comparable)
+                  for c in items]
         for i in tests:
             info[i].append(_effective_n(inputs[i]))
         for i, c in enumerate(items):
-            if i not in tests or inputs[i].get("missing"):
+            if i not in tests or _blocked(inputs[i]):
                 last[i] = (_evaluate(c.check, inputs[i], alpha, Level(alpha), False), inputs[i])
         while True:  # Holm at this look: a settled test passes its share to the open ones
-            open_ = [i for i in tests if i not in decided and not inputs[i].get("missing")]
+            open_ = [i for i in tests if i not in decided and not _blocked(inputs[i])]
             share = alpha / max(1, m - len(decided))
             crossed = None
             for i in open_:
@@ -226,9 +245,18 @@ def overall_verdict(results: Sequence[CheckResult]) -> tuple[Outcome, str]:
 # -- helpers -----------------------------------------------------------------------------------
 
 
+def _blocked(inputs: dict[str, Any]) -> bool:
+    """A check that cannot be tested at all: an arm missing, or values not comparable."""
+    return bool(inputs.get("missing") or inputs.get("not_comparable"))
+
+
 def _inputs(check: Check, values: ValuesFn, is_same: Callable[[str, str], bool],
             pairing_of: Callable[[str, str], Pairing],
-            seeds: frozenset[int] | None) -> dict[str, Any]:
+            seeds: frozenset[int] | None,
+            comparable: Callable[[Check], str | None] | None = None) -> dict[str, Any]:
+    why = comparable(check) if comparable is not None else None
+    if why is not None:
+        return {"not_comparable": why}
     missing = [arm for arm in (check.arm, check.than) if arm and values(arm, check) is None]
     if missing:
         return {"missing": missing}
@@ -246,6 +274,9 @@ def _inputs(check: Check, values: ValuesFn, is_same: Callable[[str, str], bool],
 
 def _evaluate(check: Check, inputs: dict[str, Any], alpha: float, level: Level,
               notes: bool) -> CheckResult:
+    if inputs.get("not_comparable"):
+        return replace(_no_arm(check, ""), reason=inputs["not_comparable"], test="not comparable",
+                       power_note="more seeds cannot help: run every arm on one hardware")
     if inputs.get("missing"):
         return _no_arm(check, ", ".join(map(repr, inputs["missing"])))
     return evaluate_check(check, inputs["a"], inputs["b"], paired_seeds=inputs["paired"],
@@ -266,7 +297,7 @@ def _no_arm(check: Check, names: str) -> CheckResult:
 def _effective_n(inputs: dict[str, Any]) -> float:
     """The sample size a look's information is counted in: matched pairs, the seeds of a
     one-sample test, or the harmonic mean of the two arms' seeds (Welch)."""
-    if inputs.get("missing"):
+    if _blocked(inputs):
         return 0.0
     a, b = inputs["a"], inputs["b"]
     if b is None:

@@ -38,8 +38,13 @@ def train(
                                                  "(default runs/<config name>)")] = None,
     data_dir: DataDir = None,
     fallback_corpus: FallbackCorpus = None,
+    nproc_per_node: Annotated[int | None, typer.Option(
+        "--nproc-per-node", min=1, help="train over N devices of this node with torchrun "
+        "(DDP; sets train.distributed.nproc, so it is part of the run's config)")] = None,
 ) -> None:
     """Train one configuration and record everything about it in DIR/lmlab.sqlite."""
+    from pydantic import ValidationError
+
     from lmlab.analysis.records import load_runs
     from lmlab.config import RunConfig
     from lmlab.execute.local import run_single
@@ -51,6 +56,14 @@ def train(
     use_data_dir(data_dir)
     doc = upgrade_run_doc(load_yaml(config))
     cfg = validate(doc, RunConfig)
+    if nproc_per_node is not None:
+        tree = cfg.model_dump(mode="json")
+        tree["train"]["distributed"]["nproc"] = nproc_per_node
+        try:
+            cfg = RunConfig.model_validate(tree)
+        except ValidationError as e:  # the global batch cannot be shared by the ranks
+            raise UserError(e.errors()[0]["msg"].removeprefix("Value error, "),
+                            field="--nproc-per-node") from None
     base = config.parent.resolve()
     if fallback_corpus is not None:
         with doc.located():
@@ -233,10 +246,31 @@ def run(
         "--max-seeds", min=2, help="until-settled: the cap on seeds per arm (default: "
         "analysis.max_seeds)")] = None,
     pack: Annotated[str | None, typer.Option("--pack", help=PACK_HELP)] = None,
+    executor: Annotated[str | None, typer.Option(
+        "--executor", help="where the runs train: local (this machine), ray (one Ray task per "
+        "run or pack), slurm (one submitit job each); default execution.executor. See "
+        "docs/cluster.md")] = None,
+    address: Annotated[str | None, typer.Option(
+        "--address", help="ray: the cluster to join (auto, HOST:PORT, ray://HOST:10001); "
+        "default: start one here")] = None,
+    storage: Annotated[Path | None, typer.Option(
+        "--storage", help="ray/slurm: a directory every node reaches, for checkpoints and the "
+        "rows on their way to the driver (default: the experiment directory)")] = None,
+    cpus_per_run: Annotated[float | None, typer.Option(
+        "--cpus-per-run", min=0.01, help="ray/slurm: CPUs per run or pack")] = None,
+    gpus_per_run: Annotated[float | None, typer.Option(
+        "--gpus-per-run", min=0, help="ray/slurm: GPUs per run or pack (default: 1 when "
+        "controlled.hardware is a GPU)")] = None,
+    partition: Annotated[str | None, typer.Option(
+        "--partition", help="slurm: the partition")] = None,
+    time_min: Annotated[int | None, typer.Option(
+        "--time-min", min=1, help="slurm: each job's time limit in minutes")] = None,
 ) -> None:
-    """Preflight, then every arm x seed, each in its own process. Rerun to resume."""
+    """Preflight, then every arm x seed, each in its own process (or on a cluster: --executor).
+    Rerun to resume."""
     from lmlab import driver
     from lmlab.execute.pack import parse_pack
+    from lmlab.execute.remote import executor_options
     from lmlab.names import STORE_FILE, Status
 
     option = parse_pack(pack) if pack is not None else None
@@ -244,10 +278,13 @@ def run(
     p = plan_of(spec, data_dir, fallback_corpus)
     warn(p)
     out_dir = out_dir or Path("runs") / p.spec.meta.name
+    where = executor_options(p.spec.execution, kind=executor, address=address, storage=storage,
+                             cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run,
+                             partition=partition, time_min=time_min)
     with p.doc.located("controlled"):
         result = driver.run(p, out_dir, until_settled=until_settled, max_seeds=max_seeds,
                             skip_preflight=skip_preflight, force_new=force_new,
-                            parallel=parallel, pack=option)
+                            parallel=parallel, pack=option, executor=where)
     if result.moved:
         console.print(f"previous results moved to {result.moved}")
     counts = Counter(result.results.values())

@@ -14,14 +14,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lmlab.data.tokenize import DataBundle, prepare_data
 from lmlab.errors import UserError
 from lmlab.execute.estimate import check_plan_memory, estimate_plan
 from lmlab.execute.lease import hold_directory, move_held_directory
 from lmlab.execute.local import run_sweep
 from lmlab.execute.pack import PackOption, annotate, parse_pack, plan_packs
+from lmlab.execute.remote import ExecutorOptions, backend_for, hardware_problem, run_remote
 from lmlab.identity import same
 from lmlab.names import RESULT_PLAN, RESULT_PREFLIGHT, RESULT_SPEC, STORE_FILE, Event
 from lmlab.spec.expand import Plan
@@ -29,19 +28,14 @@ from lmlab.store import Store
 from lmlab.train.preflight import overfit, preflight_config, preflight_key
 
 
-def check_hardware(plan: Plan) -> None:
-    """The spec's hardware expectation against this machine."""
-    want = plan.spec.controlled.hardware
-    if want in ("any", ""):
+def check_hardware(plan: Plan, executor: ExecutorOptions | None = None) -> None:
+    """The spec's hardware expectation against this machine, when the runs train here (on a
+    cluster each worker checks its own node, and the placement asks for the hardware)."""
+    if executor is not None and executor.remote:
         return
-    have_cuda = torch.cuda.is_available()
-    names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    ok = (want == "cpu") or (want == "cuda" and have_cuda) or \
-        any(want.lower() in n.lower() for n in names)
-    if not ok:
-        found = ", ".join(names) or "no GPU"
-        raise plan.doc.error("controlled.hardware",
-                             f"the spec expects '{want}' but this machine has {found}")
+    problem = hardware_problem(plan.spec.controlled.hardware)
+    if problem is not None:
+        raise plan.doc.error("controlled.hardware", problem)
 
 
 def _archive(out_dir: Path) -> Path:
@@ -161,25 +155,34 @@ def _same_data(plan: Plan, cfg: Any) -> bool:
 
 def run_experiment(plan: Plan, out_dir: Path, *, skip_preflight: bool = False,
                    force_new: bool = False, parallel: int | None = None,
-                   pack: PackOption | None = None) -> dict[str, Any]:
+                   pack: PackOption | None = None,
+                   executor: ExecutorOptions | None = None) -> dict[str, Any]:
     """The whole experiment, holding ``out_dir``'s lock from the first write to the last (a
     second driver is refused, naming this one). ``pack``: the --pack option (default: the
-    spec's ``execution.pack``)."""
-    check_hardware(plan)
+    spec's ``execution.pack``); ``executor``: where the runs train (default: this machine)."""
+    executor = executor or ExecutorOptions()
+    check_hardware(plan, executor)
     with hold_directory(out_dir):
-        return _run_experiment(plan, out_dir, skip_preflight, force_new, parallel, pack)
+        return _run_experiment(plan, out_dir, skip_preflight, force_new, parallel, pack,
+                               executor)
 
 
 def _run_experiment(plan: Plan, out_dir: Path, skip_preflight: bool, force_new: bool,
-                    parallel: int | None, pack: PackOption | None) -> dict[str, Any]:
+                    parallel: int | None, pack: PackOption | None,
+                    executor: ExecutorOptions) -> dict[str, Any]:
+    storage, hardware = executor.storage or out_dir, plan.spec.controlled.hardware
+    # The cluster first: one that cannot be reached (or is not there) is refused before anything
+    # is written or trained.
+    backend = backend_for(executor, storage, hardware) if executor.remote else None
     moved = open_experiment(plan, out_dir, force_new=force_new)
     data = prepare_plan_data(plan)
-    check_plan_memory(plan, data)  # on the device the runs will have, before any is built
+    if not executor.remote:  # on the device the runs will have, before any is built
+        check_plan_memory(plan, data)
     with Store.open(out_dir) as store:
         planned = store.get_result(RESULT_PLAN) or {}
         have_preflight = store.get_result(RESULT_PREFLIGHT)
     option = pack if pack is not None else parse_pack(plan.spec.execution.pack)
-    if planned.get("estimate_total_s") is None:
+    if planned.get("estimate_total_s") is None and not executor.remote:  # timed here: not there
         estimate(plan, out_dir, data, option)
     preflight = have_preflight
     covered = {arm for c in (have_preflight or {}).get("configs", []) for arm in c["arms"]}
@@ -195,6 +198,10 @@ def _run_experiment(plan: Plan, out_dir: Path, skip_preflight: bool, force_new: 
                                  "; ".join(failed) + ": fix the configuration, or rerun with "
                                  "--skip-preflight")
     vocab = data.tokenizer.vocab_size
-    results = run_sweep(plan.runs, out_dir, base=plan.base, parallel=parallel,
-                        units=lambda todo: plan_packs(plan, option, todo, vocab))
+    units = lambda todo: plan_packs(plan, option, todo, vocab)  # noqa: E731
+    if backend is not None:
+        results = run_remote(plan.runs, out_dir, backend, storage=storage, units=units,
+                             base=plan.base, hardware=hardware)
+    else:
+        results = run_sweep(plan.runs, out_dir, base=plan.base, parallel=parallel, units=units)
     return {"results": results, "preflight": preflight, "moved": moved}

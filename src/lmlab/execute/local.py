@@ -29,8 +29,8 @@ from lmlab.config import RunConfig
 from lmlab.errors import UserError
 from lmlab.execute.estimate import check_memory
 from lmlab.execute.lease import EXIT_BUSY, RUN_LEASE_WAIT_S, Lease, hold_directory
-from lmlab.execute.pack import Pack
-from lmlab.execute.pack import command as worker_command
+from lmlab.execute.pack import Pack, worker_command
+from lmlab.execute.pack import command as unit_command
 from lmlab.execute.progress import ProgressDisplay, make_progress
 from lmlab.identity import same
 from lmlab.names import (
@@ -85,6 +85,8 @@ def run_single(cfg: RunConfig, out_dir: Path, run_id: str, *, base: Path | None 
     """Train one configuration in this process, with a progress bar. Holds the directory's lock
     and the run's lease throughout."""
     check_memory(cfg)
+    if cfg.train.distributed.nproc > 1:
+        return _run_ranks(cfg, out_dir, run_id, base, arm)
     lease = Lease(out_dir / RUNS_DIR / run_id / LEASE_FILE, command=f"lmlab train, run {run_id}")
     with hold_directory(out_dir), _holding(lease), Store.open(out_dir) as store, \
             stop_on_signals() as stop, _progress() as progress:
@@ -113,6 +115,38 @@ def run_single(cfg: RunConfig, out_dir: Path, run_id: str, *, base: Path | None 
         except Exception as e:
             store.set_status(run_id, Status.FAILED, error=f"{type(e).__name__}: {e}")
             raise
+
+
+def _run_ranks(cfg: RunConfig, out_dir: Path, run_id: str, base: Path | None,
+               arm: str) -> RunResult:
+    """``lmlab train`` of a run over several devices: torchrun starts its ranks (the worker,
+    ``train.distributed.nproc`` times; rank 0 holds the run's lease and records), this process
+    waits, holding the directory's lock, and passes Ctrl-C on."""
+    with hold_directory(out_dir) as lock, Store.open(out_dir) as store, \
+            stop_on_signals() as stop:
+        store.check_intact()
+        existing = store.run(run_id)
+        if existing is not None and not same(existing["config"], cfg):
+            raise UserError(f"{out_dir} already holds run {run_id} of a different config: its "
+                            "results stay; train this one with another --out")
+        store.add_run(run_id, arm, cfg.train.seed, cfg.to_json(), cfg.config_hash)
+        cmd = worker_command([run_id], cfg.train.distributed.nproc, out_dir, base,
+                             driver_token=lock.token)
+        log = out_dir / RUNS_DIR / run_id / "worker.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as stderr:
+            proc = subprocess.Popen(cmd, stderr=stderr, start_new_session=True)
+        while proc.poll() is None:
+            if stop.is_set():
+                proc.send_signal(signal.SIGINT)  # the agent passes it to every rank
+            time.sleep(0.2)
+        row = store.run(run_id) or {}
+        if proc.returncode == 2:
+            raise UserError(_last_error(log.read_text(errors="replace")))
+        if row.get("status") in (Status.RUNNING, Status.PENDING):
+            store.set_status(run_id, Status.FAILED, error=log.read_text(errors="replace")[-4000:])
+            row = store.run(run_id) or {}
+        return RunResult(run_id, row.get("status", Status.FAILED), row.get("summary") or {})
 
 
 @contextmanager
@@ -180,7 +214,7 @@ def _run_sweep(runs: list[PlannedRun], out_dir: Path, lock: Lease, *, base: Path
                     env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(slots)))
                 # The worker dies with this process (Linux) and stops when the lock stops
                 # naming it (anywhere): a rerun never races an orphan.
-                cmd = worker_command(unit, out_dir, base, driver_token=lock.token)
+                cmd = unit_command(unit, out_dir, base, driver_token=lock.token)
                 # stderr to a file, never a pipe: a chatty worker (compile logs) would block
                 # on a full pipe that is only read when it exits.
                 log = out_dir / RUNS_DIR / unit.run_ids[0] / "worker.log"

@@ -160,8 +160,21 @@ def command(pack: Pack, out_dir: Path, base: Path | None, *,
     """The worker process of a unit, a solo run or a pack (``lmlab.execute.worker`` trains
     either). It dies with this process (``--driver-pid``) and, given ``driver_token``, stops
     when the directory lock stops naming this driver."""
-    cmd = [sys.executable, "-m", "lmlab.execute.worker", str(out_dir), *pack.run_ids,
-           "--driver-pid", str(os.getpid())]
+    return worker_command(pack.run_ids, pack.runs[0].config.train.distributed.nproc, out_dir,
+                          base, driver_token=driver_token)
+
+
+def worker_command(run_ids: list[str], nproc: int, out_dir: Path, base: Path | None, *,
+                   driver_token: str | None = None) -> list[str]:
+    """:func:`command` for run ids; ``nproc`` > 1: torchrun starts the worker as that many ranks
+    of one run over several devices (their parent is torchrun's agent: the driver's lock, not
+    its pid, tells them when it is gone)."""
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={nproc}", "-m", "lmlab.execute.worker", str(out_dir), *run_ids]
+    else:
+        cmd = [sys.executable, "-m", "lmlab.execute.worker", str(out_dir), *run_ids,
+               "--driver-pid", str(os.getpid())]
     if driver_token is not None:
         cmd += ["--driver-token", driver_token]
     return cmd + (["--base", str(base)] if base is not None else [])

@@ -42,6 +42,8 @@ from lmlab.names import LEASE_FILE, LOCK_FILE, RESULT_SPEC, RUNS_DIR, Status
 from lmlab.spec.expand import addendum_requested
 from lmlab.spec.schema import Spec
 from lmlab.store import Store
+from lmlab.train import distributed
+from lmlab.train.distributed import NullSink
 from lmlab.train.loop import train
 from lmlab.train.memory import KEEP_FREED_ENV
 from lmlab.train.pack import Member, train_pack
@@ -57,13 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--driver-token", default=None,
                         help="the token of the driver's directory lock: stop when it changes")
     args = parser.parse_args(argv)
+    ranked = distributed.launched()  # one rank of a run torchrun launched over several devices
+    if ranked:  # the ranks' parent is torchrun's agent: the driver is watched through its lock
+        args.driver_pid = None
     if args.driver_pid is not None and not die_with_parent(args.driver_pid):
         print("error: the driver that started this worker is gone", file=sys.stderr)
         return EXIT_ORPHANED
 
     leases: list[Lease] = []
     try:
-        for run_id in args.run_ids:
+        for run_id in args.run_ids if int(os.environ.get("RANK", 0)) == 0 else ():
             lease = Lease(args.out_dir / RUNS_DIR / run_id / LEASE_FILE,
                           command=f"worker of run {run_id}")
             try:
@@ -129,19 +134,25 @@ def _run(args: argparse.Namespace, stop: threading.Event) -> int:
             if row is None:
                 raise UserError(f"no run {run_id} in {args.out_dir}")
             cfg = RunConfig.model_validate(row["config"])
+            rank = distributed.init(cfg)  # None unless torchrun launched this process
+            # Rank 0 records the run (its lease is rank 0's); the other ranks only train.
+            records = store if rank is None or rank.records else NullSink(run_id)
+            mark = store.set_status if rank is None or rank.records else _nothing
             try:
-                result = train(cfg, run_id, store, args.out_dir / RUNS_DIR / run_id,
+                result = train(cfg, run_id, records, args.out_dir / RUNS_DIR / run_id,
                                base=args.base, should_stop=stop.is_set)
             except UserError as e:
-                store.set_status(run_id, Status.FAILED, error=str(e))
+                mark(run_id, Status.FAILED, error=str(e))
                 raise
             except KeyboardInterrupt:
-                store.set_status(run_id, Status.INTERRUPTED)
+                mark(run_id, Status.INTERRUPTED)
                 return 130
             except BaseException as e:
-                store.set_status(run_id, Status.FAILED, error=f"{type(e).__name__}: {e}")
+                mark(run_id, Status.FAILED, error=f"{type(e).__name__}: {e}")
                 traceback.print_exc()
                 return 1
+            finally:
+                distributed.shutdown()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -176,6 +187,10 @@ def _run_pack(args: argparse.Namespace, stop: threading.Event) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 130 if any(r.status == Status.INTERRUPTED for r in results) else 0
+
+
+def _nothing(*_args: object, **_kwargs: object) -> None:
+    """What a rank other than 0 writes when its run ends: nothing (rank 0 says it)."""
 
 
 def _mark_unended(store: Store, run_ids: list[str], status: Status,

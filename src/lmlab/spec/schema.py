@@ -316,12 +316,34 @@ class Preflight(_Section):
     loss_threshold: float = Field(0.5, gt=0, description="pass: final train loss below this")
 
 
+class SlurmOptions(_Section):
+    """A thin layer over submitit's Slurm parameters (``lmlab.execute.slurm_backend``)."""
+
+    # "slurm", or "local": submitit's local executor, each job a process of this machine (to
+    # try the path out where there is no Slurm; lmlab's tests run it so).
+    cluster: Literal["slurm", "local"] = "slurm"
+    partition: str | None = None
+    time_min: int = Field(60, gt=0)  # the job's time limit, minutes
+    account: str | None = None
+    qos: str | None = None
+    mem_gb: float | None = Field(None, gt=0)
+    constraint: str | None = None  # default: controlled.hardware when it names a GPU type
+    gres_type: str | None = None  # ask --gres=gpu:TYPE:N instead of a constraint
+    additional: dict[str, str] = {}  # any other sbatch option, passed on as it is
+
+
 class Execution(_Section):
     """How the runs are executed, never what they are: a run's record is the same either way."""
 
     # Train runs of one shape (seeds, arms differing only in values that change no tensor
     # shape) together as one stacked model: auto, off, or at most N runs to a pack.
     pack: Literal["auto", "off"] | int = "off"
+    # Where the runs train (docs/cluster.md): this machine, a Ray cluster, or Slurm jobs; what
+    # one unit (a run or a pack) asks the cluster for; and, for Slurm, the sbatch options.
+    executor: Literal["local", "ray", "slurm"] = "local"
+    cpus_per_run: float = Field(1.0, gt=0)
+    gpus_per_run: float | None = Field(None, ge=0)  # default: 1 when controlled.hardware is a GPU
+    slurm: SlurmOptions = Field(default_factory=lambda: SlurmOptions())
 
     @model_validator(mode="after")
     def _positive(self) -> Execution:

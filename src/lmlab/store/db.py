@@ -37,6 +37,7 @@ from lmlab.config import LEGACY_CADENCE_KEYS, upgrade_run_tree
 from lmlab.errors import UserError
 from lmlab.names import RESULT_SPEC, STATUSES, STORE_FILE, TERMINAL, Status
 from lmlab.store.connection import check_not_orphaned_wal, connect, damaged
+from lmlab.store.ingest import SCHEMA_V3
 
 
 class Migration(NamedTuple):
@@ -147,6 +148,7 @@ def _v2(conn: sqlite3.Connection) -> None:
 MIGRATIONS: list[Migration] = [
     Migration(1, "initial schema: runs, metrics, events, results", _V1),
     Migration(2, "run configs: eval -> evaluation (+ diagnostics), cadence", _v2),
+    Migration(3, "ingestion: each run's batch marks, events keyed", _statements(*SCHEMA_V3)),
 ]
 
 
@@ -273,7 +275,10 @@ class Store:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """One atomic write: everything inside commits together or not at all."""
+        """One atomic write, all or nothing; writes inside it join it (an ingested batch)."""
+        if self._conn.in_transaction:
+            yield self._conn
+            return
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             yield self._conn
@@ -398,17 +403,17 @@ class Store:
                 params)
 
     def log_event(self, run_id: str | None, step: int, tokens: int, wall_s: float, kind: str,
-                  detail: Mapping[str, Any] | None = None) -> int:
-        """Something that happened ('nan', 'divergence', 'spike', 'over_budget', 'oom',
-        'compile_fallback', 'resume', 'preflight', ...). ``run_id`` None: the experiment as a
-        whole. Returns the event's id."""
+                  detail: Mapping[str, Any] | None = None, *, key: str | None = None) -> int | None:
+        """Something that happened ('nan', 'divergence', 'spike', 'oom', 'resume', ...); ``run_id``
+        None: the experiment as a whole. ``key`` (an ingested event's, ``lmlab.store.ingest``):
+        stored once whatever happens. Returns the event's id."""
         with self._write() as conn:
-            cur = conn.execute(
-                "INSERT INTO events (run_id, step, tokens, wall_s, kind, detail_json) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (run_id, int(step), int(tokens), float(wall_s), kind, _dumps(dict(detail or {}))))
-            assert cur.lastrowid is not None
-            return cur.lastrowid
+            row = conn.execute(
+                "INSERT INTO events (run_id, step, tokens, wall_s, kind, detail_json, key) VALUES "
+                "(?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
+                (run_id, int(step), int(tokens), float(wall_s), kind, _dumps(dict(detail or {})),
+                 key)).fetchone()
+        return row[0] if row else None  # None: the event with this key was stored already
 
     def truncate_after(self, run_id: str, step: int) -> tuple[int, int]:
         """Forget a run's metrics and events after ``step``, its last checkpoint.

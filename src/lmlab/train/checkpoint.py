@@ -32,6 +32,7 @@ from lmlab.config import RunConfig
 from lmlab.errors import UserError
 from lmlab.identity import same, v1_config_hash
 from lmlab.names import CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE
+from lmlab.train.distributed import writes_checkpoints
 
 FORMAT = 2
 PARTS = ("config", "learner", "state", "recorder")
@@ -54,8 +55,10 @@ class SetAside:
 
 
 def save_checkpoint(run_dir: Path, cfg: RunConfig, parts: dict[str, Any]) -> Path:
-    run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / CHECKPOINT_FILE
+    if not writes_checkpoints():  # a data-parallel rank but 0: every rank holds the same state
+        return path
+    run_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as f:
         torch.save({"format": FORMAT, "config": cfg.to_json(), **parts}, f)

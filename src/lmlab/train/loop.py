@@ -29,9 +29,11 @@ from lmlab.model.wrap import CompileFallback
 from lmlab.names import TEST, VAL, Event
 from lmlab.optim import build_schedule, optimizer_state_bytes, set_lr
 from lmlab.store import Store
+from lmlab.store.ingest import Outbox
 from lmlab.store.provenance import capture
 from lmlab.train.checkpoint import SetAside, check_belongs, resume_checkpoint, save_checkpoint
 from lmlab.train.diagnostics import Diagnostics
+from lmlab.train.distributed import current, rank_share
 from lmlab.train.evaluate import evaluate
 from lmlab.train.memory import keep_freed_memory, reset_peak
 from lmlab.train.recorder import Interval, Recorder
@@ -84,11 +86,12 @@ class Run:
     last_val: float | None = None  # the last validation loss, for progress lines
 
 
-def train(cfg: RunConfig, run_id: str, store: Store, run_dir: Path, *, base: Path | None = None,
-          on_log: Callable[[LogLine], None] | None = None,
+def train(cfg: RunConfig, run_id: str, store: Store | Outbox, run_dir: Path, *,
+          base: Path | None = None, on_log: Callable[[LogLine], None] | None = None,
           should_stop: Callable[[], bool] | None = None, data: DataBundle | None = None,
           ) -> RunResult:
-    """Train one configuration. Resumes from ``run_dir``'s checkpoint when there is one."""
+    """Train one configuration. Resumes from ``run_dir``'s checkpoint when there is one.
+    ``store``: where its records go, this host's store or (a remote worker) the outboxes."""
     # ---- set up: data, learner, and the checkpoint's state when resuming -----------------------
     device = resolve_device(cfg.train.device)
     data = data or prepare_data(cfg.data, cfg.tokenizer, base)
@@ -106,7 +109,7 @@ def train(cfg: RunConfig, run_id: str, store: Store, run_dir: Path, *, base: Pat
     recorder.start(state, resumed, _provenance(data, device))
     for aside in damaged:  # after start(): it drops the events past the resumed step
         recorder.event(state.at, Event.CHECKPOINT_DAMAGED, aside.detail())
-    learner.forward = CompileFallback(learner.raw.hidden, cfg.train.compile,
+    learner.forward = CompileFallback(learner.forward, cfg.train.compile,
                                       partial(recorder.compile_fallback, state))
     batcher.to(device)  # a GPU gathers its batches from tokens already there
     keep_freed_memory(device)
@@ -221,11 +224,14 @@ def _micro_batches(batcher: TrainBatcher, start: int, batch: int, seq_len: int,
                    cfg: RunConfig) -> Iterator[MicroBatch]:
     """The step's ``batch`` sequences from sample ``start`` on, as micro-batches of at most
     ``train.micro_batch_size`` sequences, each weighted by its share of the step. Lazily: the
-    step's timing includes reading its data."""
-    for first in range(start, start + batch, cfg.train.micro_batch_size):
-        n = min(cfg.train.micro_batch_size, start + batch - first)
+    step's timing includes reading its data. One rank of a data-parallel run reads its share
+    of them (``rank_share``; all of them alone)."""
+    offset, share = rank_share(batch)
+    end = start + offset + share
+    for first in range(start + offset, end, cfg.train.micro_batch_size):
+        n = min(cfg.train.micro_batch_size, end - first)
         x, y = batcher.batch(first, n, seq_len)
-        yield x, y, n / batch
+        yield x, y, n / share
 
 
 def _evaluate(learner: Learner, data: DataBundle, cfg: RunConfig, state: RunState,
@@ -271,6 +277,7 @@ def _provenance(data: DataBundle, device: torch.device) -> dict[str, Any]:
         "data_hash": data.corpus.hash, "data_sha256": data.corpus.sha256,
         "tokenizer_hash": data.tokenizer.hash, "vocab_size": data.tokenizer.vocab_size,
         "device": str(device), "lmlab_version": __version__,
+        "world_size": current()[1],  # data-parallel ranks (lmlab.train.distributed)
     }
 
 

@@ -44,6 +44,7 @@ from lmlab.model.wrap import CompileFallback
 from lmlab.names import VAL, Event
 from lmlab.optim import build_schedule, set_lr
 from lmlab.store import Store
+from lmlab.store.ingest import Outbox
 from lmlab.train.diagnostics import Diagnostics
 from lmlab.train.loop import (
     LogLine,
@@ -71,6 +72,8 @@ def unpackable(cfg: RunConfig) -> str | None:
                 "fewer steps packed than solo")
     if cfg.train.activation_checkpointing:
         return "the stacked model does not checkpoint activations"
+    if cfg.train.distributed.nproc > 1:
+        return "it trains over several devices of its own (train.distributed)"
     if cfg.train.precision == "fp16":
         return "fp16's grad scaler skips steps for a whole run, not for one member"
     return None
@@ -96,7 +99,8 @@ class _Member:
     stop: StopReason | None = None
 
 
-def train_pack(members: Sequence[Member], store: Store, *, base: Path | None = None,
+def train_pack(members: Sequence[Member], store: Store | Outbox, *,
+               base: Path | None = None,
                on_log: Callable[[LogLine], None] | None = None,
                should_stop: Callable[[], bool] | None = None, data: DataBundle | None = None,
                ) -> list[RunResult]:
@@ -129,7 +133,7 @@ def train_pack(members: Sequence[Member], store: Store, *, base: Path | None = N
     return [results[i] for i in ids]
 
 
-def _set_up(member: Member, pack: list[str], store: Store, data: DataBundle,
+def _set_up(member: Member, pack: list[str], store: Store | Outbox, data: DataBundle,
             device: torch.device) -> _Member:
     cfg = member.cfg
     learner = build_learner(cfg, data.tokenizer.vocab_size, device)

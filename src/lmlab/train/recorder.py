@@ -1,6 +1,9 @@
 """Everything one run writes, and the checks made on what it writes.
 
-The :class:`Recorder` is the only part of training that talks to the store. It buffers the
+The :class:`Recorder` is the only part of training that writes records, and it writes them through
+a sink (:mod:`lmlab.store.ingest`): into the store on this host, or as batches to an outbox the
+driver ingests (a Ray or Slurm worker), committed once per interval, event, evaluation and
+lifecycle change, and before every checkpoint. It buffers the
 per-step rows of a log interval (the loss and gradient-norm tensors stay on the device until the
 interval ends, then are read in one go), writes them in one transaction with the interval's
 speed and memory, runs the stability detectors (loss spikes, divergence) and the memory budget
@@ -46,6 +49,7 @@ from lmlab.names import (
     eval_metric,
 )
 from lmlab.store import Store
+from lmlab.store.ingest import Outbox, RunSink, sink_for
 from lmlab.train.diagnostics import SpikeDetector
 from lmlab.train.memory import read_peak
 from lmlab.train.mfu import peak_flops
@@ -74,9 +78,9 @@ class Interval:
 
 
 class Recorder:
-    def __init__(self, store: Store, run_id: str, cfg: RunConfig, device: torch.device,
-                 flops_per_token: float | None = None) -> None:
-        self.store = store
+    def __init__(self, records: Store | Outbox | RunSink, run_id: str, cfg: RunConfig,
+                 device: torch.device, flops_per_token: float | None = None) -> None:
+        self.sink = sink_for(records, run_id)
         self.run_id = run_id
         self.device = device
         self.train = cfg.train
@@ -103,19 +107,21 @@ class Recorder:
     def start(self, state: RunState, resumed: bool, provenance: dict[str, Any]) -> None:
         """Rows written after the checkpoint (a killed run) are dropped: the resumed run
         writes them again, so every step ends up stored exactly once."""
-        self.store.truncate_after(self.run_id, state.step if resumed else -1)
+        self.sink.truncate_after(state.step if resumed else -1)
         if resumed:
             self.event(state.at, Event.RESUME, {"from_step": state.step})
         else:
             self.interval_start = state.at
-        self.store.set_provenance(self.run_id, provenance)
-        self.store.set_status(self.run_id, Status.RUNNING)
+        self.sink.set_provenance(provenance)
+        self.sink.set_status(Status.RUNNING)
+        self.sink.commit()  # batch 0 of this segment: the truncation goes first
 
     def finish(self, stop: StopReason, summary: dict[str, Any]) -> None:
         if stop is StopReason.INTERRUPTED:
-            self.store.set_status(self.run_id, Status.INTERRUPTED)
-            return
-        self.store.set_status(self.run_id, stop.status, summary=summary)
+            self.sink.set_status(Status.INTERRUPTED)
+        else:
+            self.sink.set_status(stop.status, summary=summary)
+        self.sink.commit()
 
     def summary(self, state: RunState, stop: StopReason) -> dict[str, Any]:
         """The run's own facts at its end (final metrics are defined from the rows, in
@@ -144,15 +150,17 @@ class Recorder:
     # -- rows and events -------------------------------------------------------------------------
 
     def event(self, at: Point, kind: Event, detail: dict[str, Any] | None = None) -> None:
-        self.store.log_event(self.run_id, *at, kind, detail)
+        self.sink.log_event(*at, kind, detail)
+        self.sink.commit()  # events are rare and each may be the last thing a run says
 
     def metrics(self, at: Point, values: dict[str, float]) -> None:
         if values:
-            self.store.log_metrics(self.run_id, *at, values)
+            self.sink.log_metrics(*at, values)
 
     def evaluation(self, at: Point, split: str, result: dict[str, float]) -> None:
         """An evaluation's numbers, as ``{split}_{key}`` rows."""
         self.metrics(at, {eval_metric(split, k): v for k, v in result.items() if k != "tokens"})
+        self.sink.commit()
 
     def compile_fallback(self, state: RunState, reason: str) -> None:
         self.event(state.at, Event.COMPILE_FALLBACK, {"reason": reason})
@@ -221,7 +229,8 @@ class Recorder:
             if self.flops_per_token and self.peak_flops:
                 extra[MFU] = tokens_per_s * self.flops_per_token / self.peak_flops
         rows[-1][3].update(extra)
-        self.store.log_many(self.run_id, rows)
+        self.sink.log_many(rows)
+        self.sink.commit()
         mean_loss = sum(float(r.loss) for r in self.pending) / len(self.pending)
         self.pending.clear()
         self.interval_start = last
@@ -297,6 +306,7 @@ class Recorder:
     def state_dict(self) -> dict[str, Any]:
         assert not any(isinstance(r.bad, torch.Tensor) for r in self.pending), "settle() first"
         self._to_host()
+        self.sink.commit()  # what was written before the checkpoint is delivered before it
         return {
             "pending": [[*r.at, r.loss, r.grad_norm, r.lr] for r in self.pending],
             "spikes": self.spikes.state_dict(), "early_loss": self.early_loss,

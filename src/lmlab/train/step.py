@@ -37,6 +37,7 @@ from lmlab.model import build_model, load_pretrained_gpt2
 from lmlab.model.stacked import StackedGPT
 from lmlab.model.wrap import apply_activation_checkpointing
 from lmlab.optim import build_optimizer, skips_on_device
+from lmlab.train.distributed import Parallel, data_parallel, last_marked
 from lmlab.train.loss import linear_cross_entropy
 
 # A micro-batch: inputs, targets and its share of the step's sequences (its loss weight).
@@ -101,6 +102,7 @@ class Learner:
     device: torch.device
     forward: Callable[[Tensor], Tensor]
     found_inf: Tensor | None = None
+    parallel: Parallel | None = None  # one rank of a data-parallel run (lmlab.train.distributed)
 
     @property
     def device_check(self) -> bool:
@@ -180,12 +182,14 @@ def build_learner(cfg: RunConfig, vocab_size: int, device: torch.device) -> Lear
         torch.backends.cudnn.allow_tf32 = tc.tf32
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg.optimizer, model, device.type)
+    parallel = data_parallel(model, device)  # None unless this process is one of torchrun's ranks
     return Learner(
         raw=model, optimizer=optimizer,
         scaler=torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16"), params=params,
         ema=[p.detach().clone() for p in params] if tc.ema_decay else None, train=tc,
-        device=device, forward=model.hidden,
-        found_inf=torch.zeros((), device=device) if device_check(tc, device, optimizer) else None)
+        device=device, forward=model.hidden if parallel is None else parallel.forward,
+        found_inf=torch.zeros((), device=device) if device_check(tc, device, optimizer) else None,
+        parallel=parallel)
 
 
 @dataclass
@@ -208,20 +212,27 @@ def train_step(learner: Learner, micro_batches: Iterable[MicroBatch],
     tc = learner.train
     t0 = time.perf_counter()
     loss = torch.zeros((), device=learner.device)
-    for x, y, weight in micro_batches:
+    for (x, y, weight), last in last_marked(micro_batches):  # type: ignore[misc]
         x = x.to(learner.device, non_blocking=True)
         y = y.to(learner.device, non_blocking=True)
-        with learner.autocast():
-            hidden = learner.forward(x)
-            ce, objective = linear_cross_entropy(hidden.flatten(0, 1)[None], learner.head[None],
-                                                 y.flatten()[None], tc.label_smoothing, tc.z_loss)
-        learner.scaler.scale(objective[0] * weight).backward()
+        # Data parallel: the gradients are averaged over the ranks once, after the last one.
+        accumulate = learner.parallel.no_sync() if learner.parallel is not None and not last \
+            else contextlib.nullcontext()
+        with accumulate:
+            with learner.autocast():
+                hidden = learner.forward(x)
+                ce, objective = linear_cross_entropy(hidden.flatten(0, 1)[None],
+                                                     learner.head[None], y.flatten()[None],
+                                                     tc.label_smoothing, tc.z_loss)
+            learner.scaler.scale(objective[0] * weight).backward()
         loss += ce[0].detach() * weight
     learner.scaler.unscale_(learner.optimizer)
     # The global norm before clipping (what clip_grad_norm_ computes and returns), kept on the
     # device; clipping reuses it once the step is known to be finite.
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in learner.params if p.grad is not None])
     ok = finite_flag(learner, loss, grad_norm)
+    if learner.parallel is not None:  # the global loss, and one verdict on finiteness for all
+        loss, ok = learner.parallel.agree(loss, ok)
     finite = None if learner.device_check else bool(ok)  # the host check's one sync per step
     seconds = time.perf_counter() - t0
     inspected = inspect() if inspect is not None else {}

@@ -79,7 +79,15 @@ def conditions(add: Addendum) -> list[Item]:
     c = add.conditions
     return [Item("Fixed tokens per run", _fixed_tokens(c["fixed_tokens"])),
             Item("Same seed", _same_seed(c["same_seed"])),
-            Item("Same effective batch", _same_batch(c["same_effective_batch"]))]
+            Item("Same effective batch", _same_batch(c["same_effective_batch"])),
+            Item("Same hardware", _same_hardware(c["same_hardware"]))]
+
+
+def _same_hardware(c: Condition) -> str:
+    if c.ok:
+        return "yes"
+    return ("NO: " + "; ".join(c.detail["hardware"]) + ". Speed and memory are not compared "
+            "across them; the loss comparisons stand")
 
 
 def _fixed_tokens(c: Condition) -> str:
@@ -124,6 +132,10 @@ def conclusions(add: Addendum) -> list[Conclusion]:
     lines = {"memory_saved": [memory_line(c, ref, kind) for c in comps],
              "speed_change": [speed_line(c, ref, rows[c.arm]) for c in comps],
              "behaviour": [behaviour_line(c.arm, ref, c.behaviour) for c in comps]}
+    if not add.conditions["same_hardware"].ok:  # refused, not merely unmeasured
+        refused = [f"not compared: the runs ran on different hardware "
+                   f"({'; '.join(add.conditions['same_hardware'].detail['hardware'])})"]
+        lines["memory_saved"] = lines["speed_change"] = refused
     return [Conclusion(label, lines[key]) for key, label in CONCLUSIONS]
 
 

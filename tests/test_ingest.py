@@ -1,0 +1,131 @@
+"""The one way rows reach the store (lmlab.store.ingest): batches keyed by (run, segment, seq),
+ingested once each, stale ones refused, whether delivered in-process (the local executor) or as
+files in an outbox (Ray, Slurm)."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from lmlab.store import Store
+from lmlab.store import db as dbmod
+from lmlab.store.ingest import Batch, Ingested, Outbox, ingest, read_outbox
+from lmlab.train.loop import train
+from test_train import tiny_config
+
+CONFIG = '{"x": 1}'
+
+
+def _store(tmp_path: Path) -> Store:
+    store = Store.open(tmp_path / "exp")
+    store.add_run("r", "a", 0, CONFIG, "h")
+    return store
+
+
+def _rows(store: Store, run_id: str = "r") -> dict:
+    return {name: [tuple(r) for r in rows] for name, rows in store.metrics(run_id).items()}
+
+
+def _events(store: Store, run_id: str = "r") -> list[tuple]:
+    return [(e["step"], e["kind"], e["detail"]) for e in store.events(run_id)]
+
+
+def test_a_batch_is_applied_once_and_a_stale_segment_is_refused(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    first = [["truncate_after", [-1]], ["set_status", ["running", None, None]]]
+    rows = [["log_many", [[[1, 8, 0.1, {"train_loss": 5.0}], [2, 16, 0.2, {"train_loss": 4.0}]]]],
+            ["log_event", [2, 16, 0.2, "spike", {"z": 9}]]]
+    assert ingest(store, Batch("r", 100, 0, first)) is Ingested.APPLIED
+    assert ingest(store, Batch("r", 100, 2, rows)) is Ingested.EARLY  # seq 1 not here yet
+    assert ingest(store, Batch("r", 100, 1, rows)) is Ingested.APPLIED
+    assert ingest(store, Batch("r", 100, 1, rows)) is Ingested.DUPLICATE  # resent: no change
+    assert _rows(store)["train_loss"] == [(1, 8, 0.1, 5.0), (2, 16, 0.2, 4.0)]
+    assert [e[1] for e in _events(store)] == ["spike"]
+
+    # A new worker resumed from the checkpoint at step 1: its batch 0 drops what came after.
+    resumed = [["truncate_after", [1]], ["log_event", [1, 8, 0.1, "resume", {"from_step": 1}]]]
+    assert ingest(store, Batch("r", 200, 1, resumed)) is Ingested.EARLY  # opens with batch 0
+    assert ingest(store, Batch("r", 200, 0, resumed)) is Ingested.APPLIED
+    assert _rows(store)["train_loss"] == [(1, 8, 0.1, 5.0)]
+    # The old worker, still going somewhere, cannot write over its successor.
+    late = [["log_many", [[[2, 16, 0.2, {"train_loss": 99.0}]]]],
+            ["set_status", ["completed", None, {"steps": 2}]]]
+    assert ingest(store, Batch("r", 100, 2, late)) is Ingested.STALE
+    assert _rows(store)["train_loss"] == [(1, 8, 0.1, 5.0)]
+    assert store.run("r")["status"] == "running"
+    assert [e[1] for e in _events(store)] == ["resume"]
+
+
+def test_an_event_key_is_stored_once(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    a = store.log_event("r", 1, 8, 0.1, "spike", {"z": 1}, key="r/1/0/0")
+    assert store.log_event("r", 1, 8, 0.1, "spike", {"z": 1}, key="r/1/0/0") is None
+    assert a is not None and len(store.events("r")) == 1
+    store.log_event("r", 1, 8, 0.1, "spike", {"z": 1})  # unkeyed (the driver's own): appended
+    store.log_event("r", 1, 8, 0.1, "spike", {"z": 1})
+    assert len(store.events("r")) == 3
+
+
+def test_a_run_through_the_outbox_stores_what_a_direct_run_stores(tmp_path: Path,
+                                                                  articles_data: dict) -> None:
+    """The same run trained into a store and into an outbox (then ingested, twice over: a driver
+    that died before deleting the files) gives identical rows, bit for bit on CPU."""
+    cfg = tiny_config(articles_data, budget={"steps": 20})
+    direct = Store.open(tmp_path / "direct")
+    direct.add_run("r", "a", 0, cfg.to_json(), cfg.config_hash)
+    train(cfg, "r", direct, tmp_path / "direct" / "runs" / "r")
+
+    storage = tmp_path / "storage"
+    shipped = Store.open(tmp_path / "shipped")
+    shipped.add_run("r", "a", 0, cfg.to_json(), cfg.config_hash)
+    train(cfg, "r", Outbox(storage), storage / "runs" / "r")
+    outbox = Outbox(storage).directory("r")
+    files = sorted(outbox.glob("*.json"))
+    assert len(files) > 5 and shipped.run("r")["status"] == "pending"  # nothing written yet
+    copies = tmp_path / "copies"
+    shutil.copytree(outbox, copies)
+    counts = read_outbox(shipped, outbox)
+    assert counts[Ingested.APPLIED] == len(files) and not list(outbox.glob("*.json"))
+    again = read_outbox(shipped, copies)  # every batch delivered a second time
+    assert again[Ingested.DUPLICATE] == len(files) and again[Ingested.APPLIED] == 0
+
+    assert _same_but_clock(_rows(shipped), _rows(direct))
+    assert [e[:2] for e in _events(shipped)] == [e[:2] for e in _events(direct)]
+    assert shipped.run("r")["status"] == direct.run("r")["status"] == "completed"
+    assert shipped.run("r")["provenance"]["device"] == "cpu"
+
+
+def _same_but_clock(a: dict, b: dict) -> bool:
+    """Equal in step, tokens and value (the losses bit for bit); wall-clock seconds and the
+    speed figures derived from them differ between two runs."""
+    timed = {"step_time_s", "tokens_per_s", "peak_mem_bytes", "mfu"}
+    assert a.keys() == b.keys()
+    for name in a:
+        pa = [(s, t) + (() if name in timed else (v,)) for s, t, _, v in a[name]]
+        pb = [(s, t) + (() if name in timed else (v,)) for s, t, _, v in b[name]]
+        assert pa == pb, name
+    return True
+
+
+def test_a_version_2_store_gains_the_marks_and_keeps_its_events(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch
+                                                               ) -> None:
+    monkeypatch.setattr(dbmod, "MIGRATIONS", dbmod.MIGRATIONS[:2])
+    with Store.open(tmp_path) as s:
+        s.add_run("r", "a", 0, CONFIG, "h")
+        s._conn.execute("INSERT INTO events (run_id, step, tokens, wall_s, kind, detail_json) "
+                        "VALUES ('r', 3, 24, 0.3, 'spike', '{}')")
+        assert s.schema_version == 2
+    monkeypatch.undo()
+    with Store.open(tmp_path) as s:
+        assert s.schema_version == 3
+        assert [e["kind"] for e in s.events("r")] == ["spike"]
+        assert ingest(s, Batch("r", 5, 0, [["log_event", [4, 32, 0.4, "nan", {}]]])) \
+            is Ingested.APPLIED
+        assert [e["kind"] for e in s.events("r")] == ["spike", "nan"]
+        with pytest.raises(sqlite3.IntegrityError):  # the key is unique
+            s._conn.execute("INSERT INTO events (run_id, step, tokens, wall_s, kind, detail_json,"
+                            " key) VALUES ('r', 4, 32, 0.4, 'nan', '{}', 'r/5/0/0')")
