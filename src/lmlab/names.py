@@ -44,6 +44,16 @@ FINISHED = frozenset({Status.COMPLETED, Status.DIVERGED, Status.OVER_BUDGET})
 UNFINISHED = frozenset({Status.PENDING, Status.RUNNING, Status.INTERRUPTED})
 
 
+class Role(StrEnum):
+    """What a run is for. A nuisance variable (``independent.nuisance``) makes an experiment two
+    phases: ``tuning`` runs sweep it per arm, ``confirmation`` runs (every seed of meta.seeds)
+    run each arm at its selected value. Statistics and verdicts read confirmation runs only:
+    judging on the runs a value was selected by would carry the selection's luck into them."""
+
+    CONFIRMATION = "confirmation"
+    TUNING = "tuning"
+
+
 # -- events ---------------------------------------------------------------------------------------
 
 
@@ -141,6 +151,9 @@ RESULT_PLAN = "experiment/plan"
 RESULT_PREFLIGHT = "experiment/preflight"
 # The sequential design of an experiment run --until-settled: its rounds and every look.
 RESULT_SEQUENTIAL = "experiment/sequential"
+# The tuning phase of an experiment with nuisance variables: every arm's searched points (the
+# extensions included, each recorded before it runs) and, once tuning is done, each selection.
+RESULT_TUNING = "experiment/tuning"
 
 
 # -- config paths several modules reason about ------------------------------------------------

@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 
 from lmlab.config import LEGACY_CADENCE_KEYS, upgrade_run_tree
 from lmlab.errors import UserError
-from lmlab.names import RESULT_SPEC, STATUSES, STORE_FILE, TERMINAL, Status
+from lmlab.names import RESULT_SPEC, STATUSES, STORE_FILE, TERMINAL, Role, Status
 from lmlab.store.connection import check_not_orphaned_wal, connect, damaged
 
 
@@ -142,11 +142,21 @@ def _v2(conn: sqlite3.Connection) -> None:
                      (_dumps(record), RESULT_SPEC))
 
 
+def _v3(conn: sqlite3.Connection) -> None:
+    """A run's role (``names.Role``): a nuisance sweep's ``tuning`` runs are stored beside the
+    ``confirmation`` runs every statistic is computed from, with the nuisance values they ran at
+    (``point_json``). Every run of an older store is a confirmation run."""
+    conn.execute("ALTER TABLE runs ADD COLUMN role TEXT NOT NULL DEFAULT 'confirmation' "
+                 f"CHECK (role IN ({', '.join(repr(str(r)) for r in Role)}))")
+    conn.execute("ALTER TABLE runs ADD COLUMN point_json TEXT")
+
+
 # Applied in order on open; a database records the last one it has seen in meta.schema_version.
 # Append new versions here, never edit an applied one: existing experiment files depend on it.
 MIGRATIONS: list[Migration] = [
     Migration(1, "initial schema: runs, metrics, events, results", _V1),
     Migration(2, "run configs: eval -> evaluation (+ diagnostics), cadence", _v2),
+    Migration(3, "runs: role (tuning | confirmation) and nuisance point", _v3),
 ]
 
 
@@ -302,19 +312,23 @@ class Store:
     # -- runs --------------------------------------------------------------------------------
 
     def add_run(self, run_id: str, arm: str, seed: int, config_json: str, config_hash: str,
-                status: str = Status.PENDING) -> bool:
-        """Register a run. An existing run is left untouched (re-planning an experiment must not
-        reset finished runs); returns whether a row was inserted."""
+                status: str = Status.PENDING, *, role: str = Role.CONFIRMATION,
+                point: Mapping[str, Any] | None = None) -> bool:
+        """Register a run (``role``, ``point``: a tuning run and its nuisance values). An
+        existing run is left untouched (re-planning an experiment must not reset finished
+        runs); returns whether a row was inserted."""
         _check_status(status)
+        Role(role)
         # Decoded by runs() and the report; reject a broken config now, not at report time.
         json.loads(config_json)
         now = _now()
         with self._write() as conn:
             cur = conn.execute(
                 "INSERT INTO runs (run_id, arm, seed, status, config_json, config_hash, "
-                "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "role, point_json, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(run_id) DO NOTHING",
-                (run_id, arm, int(seed), status, config_json, config_hash, now, now))
+                (run_id, arm, int(seed), status, config_json, config_hash, str(role),
+                 None if point is None else _dumps(dict(point)), now, now))
             return cur.rowcount == 1
 
     def set_status(self, run_id: str, status: str, *, error: str | None = None,
@@ -502,7 +516,8 @@ def _check_status(status: str) -> None:
         raise ValueError(f"unknown run status {status!r}; expected one of {', '.join(STATUSES)}")
 
 
-_JSON_COLUMNS = {"config_json": "config", "provenance_json": "provenance", "summary_json": "summary"}
+_JSON_COLUMNS = {"config_json": "config", "provenance_json": "provenance", "summary_json": "summary",
+                 "point_json": "point"}
 
 
 def _run_dict(description: Sequence[Sequence[Any]], row: Sequence[Any]) -> dict[str, Any]:
