@@ -162,6 +162,9 @@ RESULT_TUNING = "experiment/tuning"
 # arm's identity.
 # The seed and its parts (init, data order) are set by meta.seeds and controlled.seed_policy.
 PER_SEED_PATHS = frozenset({"train.seed", "train.init_seed", "train.data_seed"})
+# The learning rates (AdamW's and Muon's matrices'): the decision's "Selected LR", and what a
+# nuisance sweep's sensitivity and scaling analyses treat as the learning rate.
+LR_PATHS = ("optimizer.lr", "optimizer.muon_lr")
 # The effective batch (sequences per optimizer step) and its ramp. The Memory / Systems addendum
 # compares arms at one effective batch; train.grad_accum may change (micro-batch x accumulation).
 EFFECTIVE_BATCH_PATHS = ("train.batch_size", "train.batch_size_start", "train.batch_ramp_steps")

@@ -37,7 +37,9 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 from lmlab.analysis.records import RunRecord
-from lmlab.names import RUN_METRICS, VAL_LOSS, Status
+from lmlab.analysis.summary import Experiment
+from lmlab.config import flatten
+from lmlab.names import LR_PATHS, RUN_METRICS, VAL_LOSS, Status
 from lmlab.spec.schema import Nuisance
 
 UNSTABLE_STATUSES = frozenset({Status.DIVERGED})
@@ -316,7 +318,7 @@ def fit_optimum_scaling(batch: Sequence[float], lrs: Sequence[float], losses: np
     """The selected-lr and largest-stable-lr power laws in the batch size.
 
     ``losses``: (arms, lrs, seeds), inf where a run diverged; ``lrs``: the grid, ascending,
-    the same for every arm (extensions beyond it are not used: the fit needs one grid);
+    the same for every arm (an extension only one arm got is not used: the fit needs one grid);
     ``unstable``: (arms, lrs, seeds) booleans, a run that diverged or spiked. Seeds are
     resampled jointly across arms."""
     rng = rng or np.random.default_rng(0)
@@ -397,20 +399,67 @@ def scaling_question(sweeps: Mapping[str, ArmSweep], batch: Mapping[str, float],
     if any(not sweeps[a].finished for a in arms):
         return "tuning is not finished"
     path = sweeps[arms[0]].path
-    grids = [sorted(float(p.point[path]) for p in sweeps[a].points if p.first) for a in arms]
-    if any(g != grids[0] for g in grids):
+    # One grid for every arm: the values all of them ran (extensions included where every arm
+    # got the same ones), at least the first search.
+    common = set.intersection(*({float(p.point[path]) for p in sweeps[a].points} for a in arms))
+    lrs = sorted(common)
+    if not {float(p.point[path]) for p in sweeps[arms[0]].points if p.first} <= common:
         return "the arms searched different learning rates"
-    lrs = grids[0]
-    seeds = [sweeps[a].points[0].seeds for a in arms]
-    if any(s != seeds[0] for s in seeds) or any(p.seeds != seeds[0] for a in arms
-                                                for p in sweeps[a].points if p.first):
+    seeds = sweeps[arms[0]].points[0].seeds
+    if any(p.seeds != seeds for a in arms for p in sweeps[a].points):
         return "the arms' tuning runs did not all run the same seeds"
     losses, unstable = [], []
     for a in arms:
-        by = {float(p.point[path]): p for p in sweeps[a].points if p.first}
+        by = {float(p.point[path]): p for p in sweeps[a].points}
         losses.append([list(by[x].values) for x in lrs])
         unstable.append([list(by[x].unstable) for x in lrs])
     inits = [s.init_loss for s in sweeps.values() if s.init_loss is not None]
     return fit_optimum_scaling([batch[a] for a in arms], lrs, np.array(losses),
                                np.array(unstable), init_loss=float(np.mean(inits)) if inits
                                else None, level=level, labels=arms)
+
+
+# -- one experiment's tuning, judged ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """An experiment's nuisance tuning: each arm's sweep, the selection the driver recorded,
+    the extensions it made, and (when the arms differ in batch size and the learning rate is
+    tuned) the scaling question's fits, or why it cannot be answered."""
+
+    nuisance: Nuisance
+    sweeps: dict[str, ArmSweep]
+    selected: dict[str, dict[str, Any]]  # the driver's recorded selection ({} while tuning)
+    extensions: list[dict[str, Any]]
+    batch: dict[str, float]  # arm -> sequences per optimizer step (when the arms differ in it)
+    scaling: tuple[PowerLaw, PowerLaw | None] | str | None  # None: not the question here
+
+    @property
+    def lr_path(self) -> str | None:
+        return next((p for p in self.nuisance.search if p in LR_PATHS), None)
+
+
+def judge_tuning(exp: Experiment) -> Tuning | None:
+    """The tuning phase of ``exp``; None when its spec has no nuisance variables."""
+    spec = exp.spec
+    if spec is None or spec.independent.nuisance is None:
+        return None
+    nuisance = spec.independent.nuisance
+    judged = sweeps(exp.tuning, exp.arms, nuisance)
+    record = exp.tuning_record or {}
+    batch: dict[str, float] = {}
+    for arm in exp.arms:
+        runs = [r for r in exp.tuning if r.arm == arm] or exp.runs_of(arm)
+        if runs:
+            batch[arm] = float(flatten(runs[0].config).get("train.batch_size") or 0)
+    scaling: tuple[PowerLaw, PowerLaw | None] | str | None = None
+    lr = next((p for p in nuisance.search if p in LR_PATHS), None)
+    if lr is not None and len(set(batch.values())) > 1:
+        scaling = ("more than one variable is tuned: the fit needs the learning rate alone"
+                   if len(nuisance.search) > 1 else
+                   "the learning rate is not searched on a log scale"
+                   if not nuisance.log_scale(lr) else
+                   scaling_question(judged, batch, 1 - spec.analysis.alpha))
+    return Tuning(nuisance, judged, dict(record.get("selected") or {}),
+                  list(record.get("extensions") or []), batch, scaling)

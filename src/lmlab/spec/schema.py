@@ -334,7 +334,7 @@ class Nuisance(_Section):
         if not all(isinstance(x, int | float) and not isinstance(x, bool) and x > 0 for x in v):
             return False
         s = sorted(float(x) for x in v)  # type: ignore[arg-type]
-        ratios = [b / a for a, b in zip(s, s[1:], strict=False)]
+        ratios = [b / a for a, b in itertools.pairwise(s)]
         return min(ratios) >= 1.5 and max(ratios) / min(ratios) < 1.01
 
 

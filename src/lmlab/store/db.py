@@ -323,12 +323,14 @@ class Store:
         json.loads(config_json)
         now = _now()
         with self._write() as conn:
+            values = {"run_id": run_id, "arm": arm, "seed": int(seed), "status": status,
+                      "config_json": config_json, "config_hash": config_hash,
+                      "created_at": now, "updated_at": now}
+            if role != Role.CONFIRMATION or point is not None:  # else the columns' defaults
+                values.update(role=str(role), point_json=_dumps(dict(point or {})))
             cur = conn.execute(
-                "INSERT INTO runs (run_id, arm, seed, status, config_json, config_hash, "
-                "role, point_json, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT(run_id) DO NOTHING",
-                (run_id, arm, int(seed), status, config_json, config_hash, str(role),
-                 None if point is None else _dumps(dict(point)), now, now))
+                f"INSERT INTO runs ({', '.join(values)}) VALUES ({', '.join('?' * len(values))}) "
+                "ON CONFLICT(run_id) DO NOTHING", tuple(values.values()))
             return cur.rowcount == 1
 
     def set_status(self, run_id: str, status: str, *, error: str | None = None,
