@@ -149,6 +149,12 @@ def plan(
     else:
         with console.status("timing a few real steps of each shape..."), p.doc.located("controlled"):
             record = estimate(p, None, prepare_plan_data(p), option)
+    if p.nuisance is not None and not p.selected:  # the stand-in values are not the plan's
+        tuned = {k for r in p.runs if r.tuning for k, v in r.values.items()
+                 if v != p.arms[r.arm].get(k, v) or k in p.nuisance.search}
+        for r in record["runs"]:
+            if r["role"] != "tuning":
+                r["values"] = {**r["values"], **dict.fromkeys(tuned, "selected")}
     estimates = {r["run_id"]: r.get("estimate_s") for r in record["runs"]}
     if design is not None:
         record["rounds"] = plan_rounds(p, design, estimates)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import itertools
-import math
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,12 +26,15 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from lmlab.config import Components, RunConfig, TrainConfig, error_fields, flatten
+from lmlab.config import Components, RunConfig, error_fields, flatten
 from lmlab.identity import run_id, tuning_run_id
 from lmlab.names import EFFECTIVE_BATCH_PATHS, PER_SEED_PATHS, Role
 from lmlab.spec import expr
+from lmlab.spec.budget import check_window, resolve_budget
 from lmlab.spec.footprint import check_fits, host_memory_bytes
 from lmlab.spec.load import YamlDoc, load_yaml, upgrade_spec_doc, validate
+from lmlab.spec.nuisance import Point, initial_points
+from lmlab.spec.nuisance import units as nuisance_units
 from lmlab.spec.schema import Check, Nuisance, SeedPolicy, Spec
 
 # Sections of RunConfig an arm may change. Budgets are fixed by the axis, seeds by meta.seeds.
@@ -57,26 +59,6 @@ class PlannedRun:
     @property
     def tuning(self) -> bool:
         return self.role == Role.TUNING
-
-
-Point = dict[str, Any]  # nuisance path -> value
-
-
-@dataclass(frozen=True)
-class _Unit:
-    """One configuration to resolve: an arm, or an arm at one nuisance point."""
-
-    key: str
-    arm: str
-    role: str
-    point: Point
-    values: dict[str, Any]  # what it sets: the arm's values and the point
-    where: str  # the YAML field its arm was written at
-
-    @property
-    def label(self) -> str:
-        at = ", ".join(f"{p} = {v!r}" for p, v in self.point.items())
-        return f"arm {self.arm}" + (f" at {at}" if self.role == Role.TUNING else "")
 
 
 @dataclass
@@ -195,30 +177,6 @@ def seed_rounds(spec: Spec, max_seeds: int, per_round: int | None = None) -> lis
     return rounds
 
 
-def initial_points(nuisance: Nuisance | None) -> list[Point]:
-    """The nuisance search's first points: its grid, in order (no nuisance: one empty point)."""
-    return [{}] if nuisance is None else nuisance.points()
-
-
-def _units(spec: Spec, design: list[tuple[str, dict[str, Any], str]],
-           tuning: dict[str, list[Point]] | None,
-           selected: dict[str, Point] | None) -> list[_Unit]:
-    """What to resolve: each arm (no nuisance); else each arm at each of its tuning points, and
-    at its selected point once there is one."""
-    nuisance = spec.independent.nuisance
-    if nuisance is None:
-        return [_Unit(n, n, Role.CONFIRMATION, {}, v, w) for n, v, w in design]
-    out = []
-    for name, values, where in design:
-        points = (tuning or {}).get(name) or initial_points(nuisance)
-        for i, point in enumerate(points):
-            out.append(_Unit(f"{name}~{i}", name, Role.TUNING, point, {**values, **point}, where))
-        if selected and name in selected:
-            point = selected[name]
-            out.append(_Unit(name, name, Role.CONFIRMATION, point, {**values, **point}, where))
-    return out
-
-
 def _arm_name(values: dict[str, Any]) -> str:
     parts = [f"{path.rsplit('.', 1)[-1]}={_short(v)}" for path, v in values.items()]
     return re.sub(r"[^A-Za-z0-9_.=-]", "-", "_".join(parts))
@@ -329,7 +287,7 @@ def expand(spec: Spec, doc: YamlDoc, seeds: Sequence[int] | None = None, *,
     duplicates = {n for n in arm_names if arm_names.count(n) > 1}
     if duplicates:
         raise doc.error("independent", f"arm names must be unique: {sorted(duplicates)}")
-    units = _units(spec, design, tuning, selected)
+    units = nuisance_units(spec, design, tuning, selected)
 
     # ---- one resolved config tree per arm --------------------------------------------------------
     evaluation = spec.evaluation.model_dump(mode="json", exclude={"primary_metric"})
@@ -438,7 +396,7 @@ def expand(spec: Spec, doc: YamlDoc, seeds: Sequence[int] | None = None, *,
     cadence = spec.cadence.model_dump(mode="json")
     for unit in units:
         name = unit.arm
-        budget, eval_cfg = _resolve_budget(spec, doc, name, arm_trees[unit.key], evaluation)
+        budget, eval_cfg = resolve_budget(spec, doc, name, arm_trees[unit.key], evaluation)
         tuning_run = unit.role == Role.TUNING
         for seed in (nuisance.seeds if tuning_run and nuisance else seeds):
             tree = copy.deepcopy(arm_trees[unit.key])
@@ -451,7 +409,7 @@ def expand(spec: Spec, doc: YamlDoc, seeds: Sequence[int] | None = None, *,
                                         point=dict(unit.point)))
     for where, check in spec_checks(spec):
         if check.curve is not None:
-            _check_window(spec, doc, plan, f"{where}.curve", check)
+            check_window(spec, doc, plan, f"{where}.curve", check)
     return plan
 
 
@@ -492,60 +450,6 @@ def check_until_settled(spec: Spec, doc: YamlDoc, max_seeds: int | None, where: 
                         "settled: the spec states no checks")
 
 
-AXIS_UNIT = {"equal_tokens": "tokens", "equal_steps": "steps", "equal_wall_clock": "seconds"}
-
-
-def _check_window(spec: Spec, doc: YamlDoc, plan: Plan, where: str, check: Check) -> None:
-    """A curve statistic's window: on the comparison axis, ordered, inside the budget, and for
-    an evaluation curve holding at least one evaluation."""
-    curve = check.curve
-    assert curve is not None
-    axis = AXIS_UNIT[spec.comparison_axis]
-    unit = curve.unit
-    if unit is None:
-        return
-    field = f"{where}.{unit}"
-    if unit != axis:
-        per_step = {r.config.train.tokens_per_step for r in plan.runs}
-        ramps = any(max(r.config.train.seq_len_warmup_steps, r.config.train.batch_ramp_steps)
-                    for r in plan.runs)
-        hint = ""
-        if {unit, axis} == {"tokens", "steps"} and len(per_step) == 1 and not ramps:
-            k = per_step.pop()
-            lo, hi = curve.window  # type: ignore[misc]
-            conv = [(b if isinstance(b, str) else f"{b * k:g}" if unit == "steps" else
-                     f"{b / k:g}") for b in (lo, hi)]
-            hint = (f": every arm takes {k:,} tokens per step, so write {axis}: "
-                    f"[{conv[0]}, {conv[1]}]")
-        raise doc.error(field, f"windows are on the comparison axis ({spec.comparison_axis}: "
-                        f"{axis}), so that every arm is measured at the same amount of training"
-                        f"{hint}")
-    total = {"tokens": spec.budget.tokens, "steps": spec.budget.steps,
-             "seconds": spec.budget.wall_clock_s}[axis]
-    lo, hi = curve.bounds(total)
-    if lo < 0 or hi < 0:
-        raise doc.error(field, f"a window cannot start or end before 0 (got [{lo:g}, {hi:g}])")
-    if lo >= hi:
-        raise doc.error(field, f"the window is empty: it must start before it ends "
-                        f"(got [{lo:g}, {hi:g}])")
-    if total is not None and hi > total * (1 + 1e-9):
-        raise doc.error(field, f"the window ends at {hi:,g} {axis}, after the budget's "
-                        f"{total:,g}")
-    if curve.metric.startswith("test_") and hi < total:  # type: ignore[operator]
-        raise doc.error(field, f"{curve.metric} is measured once, at the end of the run: the "
-                        "window must reach the end of the budget")
-    if curve.metric.startswith("val_") and total is not None:
-        e = spec.evaluation
-        every = {"tokens": e.every_tokens, "steps": e.every_steps, "seconds": e.every_seconds}[axis]
-        if every:
-            # Evaluations happen at 0, at every multiple of the cadence, and at the end; a
-            # window (lo, hi] holds the first multiple after lo.
-            first = (math.floor(lo / every + 1e-9) + 1) * every
-            if not (lo <= 0 or first <= hi or hi >= total):
-                raise doc.error(field, f"the window [{lo:,g}, {hi:,g}] holds no evaluation of "
-                                f"{curve.metric} (every {every:,g} {axis}): widen it")
-
-
 def addendum_requested(spec: Spec) -> bool:
     """Whether the Memory / Systems addendum is asked for: ``systems_addendum: true``, or a
     ``category: memory`` spec that doesn't switch it off."""
@@ -580,60 +484,3 @@ def _check_addendum_conditions(spec: Spec, doc: YamlDoc,
                         "micro-batch at a fixed batch_size (or set systems_addendum: false)")
 
 
-def _steps_for_tokens(train: TrainConfig, tokens: int) -> int | None:
-    """The whole number of steps that sees exactly ``tokens`` tokens, or None."""
-    ramp_steps = max(train.seq_len_warmup_steps, train.batch_ramp_steps)
-    ramp_tokens = train.tokens_after(ramp_steps)
-    if tokens < ramp_tokens:
-        return next((s for s in range(ramp_steps + 1) if train.tokens_after(s) == tokens), None)
-    rest = tokens - ramp_tokens
-    per_step = train.tokens_per_step
-    return ramp_steps + rest // per_step if rest % per_step == 0 else None
-
-
-# Per comparison axis: the budget field it needs, what it gives every arm, and what another
-# budget field would do to that promise.
-AXIS_BUDGET = {
-    "equal_tokens": ("tokens", "derives each arm's steps from budget.tokens",
-                     "end arms at different token counts"),
-    "equal_steps": ("steps", "gives every arm budget.steps", "end arms at different step counts"),
-    "equal_wall_clock": ("wall_clock_s", "gives every arm the same training seconds",
-                         "stop arms early"),
-}
-
-
-def _resolve_budget(spec: Spec, doc: YamlDoc, arm: str, tree: dict[str, Any],
-                    evaluation: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    b, axis = spec.budget, spec.comparison_axis
-    train = TrainConfig.model_validate(tree["train"])
-    budget: dict[str, Any] = {"max_memory_mb": b.max_memory_mb}
-    eval_cfg = dict(evaluation)
-    needed, gives, breaks = AXIS_BUDGET[axis]
-    if getattr(b, needed) is None:
-        raise doc.error(f"budget.{needed}", f"comparison_axis {axis} needs budget.{needed}")
-    for other in ("tokens", "steps", "wall_clock_s"):
-        if other != needed and getattr(b, other) is not None:
-            raise doc.error(f"budget.{other}", f"{axis} {gives}; a budget.{other} would {breaks}: "
-                            "remove it")
-    if axis == "equal_tokens":
-        steps = _steps_for_tokens(train, b.tokens)
-        if steps is None:
-            per_step = train.tokens_per_step
-            lo = b.tokens // per_step * per_step
-            raise doc.error("budget.tokens",
-                            f"arm {arm}: {b.tokens:,} tokens is not a whole number of steps of "
-                            f"{per_step:,} tokens (batch_size {train.batch_size} x seq_len "
-                            f"{train.seq_len}); try {lo:,} or {lo + per_step:,}, or a multiple "
-                            "of every arm's tokens per step")
-        budget.update(tokens=b.tokens, steps=steps)
-    elif axis == "equal_steps":
-        budget.update(steps=b.steps, tokens=train.tokens_after(b.steps))
-    else:  # equal_wall_clock
-        if evaluation["every_tokens"] or evaluation["every_steps"]:
-            raise doc.error("evaluation", "equal_wall_clock evaluates at the same wall-clock points: "
-                            "use evaluation.every_seconds, not every_tokens/every_steps")
-        budget.update(wall_clock_s=b.wall_clock_s)
-        eval_cfg["every_seconds"] = evaluation["every_seconds"] or b.wall_clock_s / 10
-    if budget.get("steps") is not None and budget["steps"] < 1:
-        raise doc.error("budget", f"arm {arm}: the budget is less than one step")
-    return budget, eval_cfg

@@ -22,7 +22,6 @@ statement meets the damage first (:mod:`lmlab.store.connection`); ``lmlab doctor
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import sqlite3
@@ -36,6 +35,8 @@ from typing import Any, NamedTuple
 from lmlab.config import LEGACY_CADENCE_KEYS, upgrade_run_tree
 from lmlab.errors import UserError
 from lmlab.names import RESULT_SPEC, STATUSES, STORE_FILE, TERMINAL, Role, Status
+from lmlab.store.codec import dumps as _dumps
+from lmlab.store.codec import loads as _loads
 from lmlab.store.connection import check_not_orphaned_wal, connect, damaged
 
 
@@ -142,21 +143,17 @@ def _v2(conn: sqlite3.Connection) -> None:
                      (_dumps(record), RESULT_SPEC))
 
 
-def _v3(conn: sqlite3.Connection) -> None:
-    """A run's role (``names.Role``): a nuisance sweep's ``tuning`` runs are stored beside the
-    ``confirmation`` runs every statistic is computed from, with the nuisance values they ran at
-    (``point_json``). Every run of an older store is a confirmation run."""
-    conn.execute("ALTER TABLE runs ADD COLUMN role TEXT NOT NULL DEFAULT 'confirmation' "
-                 f"CHECK (role IN ({', '.join(repr(str(r)) for r in Role)}))")
-    conn.execute("ALTER TABLE runs ADD COLUMN point_json TEXT")
-
-
 # Applied in order on open; a database records the last one it has seen in meta.schema_version.
 # Append new versions here, never edit an applied one: existing experiment files depend on it.
 MIGRATIONS: list[Migration] = [
     Migration(1, "initial schema: runs, metrics, events, results", _V1),
     Migration(2, "run configs: eval -> evaluation (+ diagnostics), cadence", _v2),
-    Migration(3, "runs: role (tuning | confirmation) and nuisance point", _v3),
+    # A run's role (names.Role: a nuisance sweep's tuning runs beside the confirmation runs) and
+    # a tuning run's nuisance values; every run of an older store is a confirmation run.
+    Migration(3, "runs: role (tuning | confirmation) and nuisance point", _statements(
+        "ALTER TABLE runs ADD COLUMN role TEXT NOT NULL DEFAULT 'confirmation' "
+        f"CHECK (role IN ({', '.join(repr(str(r)) for r in Role)}))",
+        "ALTER TABLE runs ADD COLUMN point_json TEXT")),
 ]
 
 
@@ -192,26 +189,6 @@ class MetricRow(NamedTuple):
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
-def _json_default(obj: Any) -> Any:
-    # Analysis results are frozen dataclasses and configs may hold paths; both have an obvious
-    # JSON form, anything else is a bug in the caller and should fail loudly.
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.asdict(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"cannot store {type(obj).__name__} as JSON: {obj!r}")
-
-
-def _dumps(value: Any) -> str:
-    # allow_nan (the default) keeps NaN/inf in results (an untestable std, a diverged loss):
-    # the output is not strict JSON but json.loads reads it back exactly.
-    return json.dumps(value, default=_json_default, sort_keys=True)
-
-
-def _loads(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
 
 
 def _value_out(value: float | None) -> float:
