@@ -212,7 +212,7 @@ def tune(plan: Plan, out_dir: Path, *, skip_preflight: bool = False, force_new: 
             return outcome
         with Store.open(out_dir) as store:
             judged = sweeps(load_runs(store, Role.TUNING), list(plan.arms), nuisance)
-        grown = _extend(record, judged, sweep_plan, nuisance.extend)
+        grown = extend_edges(record, judged, nuisance.extend)
         if not grown:
             record["selected"] = _selection(judged, plan)
             _put_tuning(out_dir, record)
@@ -220,10 +220,9 @@ def tune(plan: Plan, out_dir: Path, *, skip_preflight: bool = False, force_new: 
     return expand(plan.spec, plan.doc, tuning=record["points"], selected=selected)
 
 
-def _extend(record: dict[str, Any], judged: dict[str, ArmSweep], plan: Plan,
-            limit: int) -> bool:
+def extend_edges(record: dict[str, Any], judged: dict[str, ArmSweep], limit: int) -> bool:
     """One point beyond the edge for every arm whose best value is on one (while it has
-    extensions left); whether any was added."""
+    extensions left), added to the tuning ``record``; whether any was."""
     grown = False
     for arm, s in judged.items():
         if not s.edges or record["extended"][arm] >= limit:
