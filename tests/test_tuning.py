@@ -167,7 +167,7 @@ def test_the_largest_stable_lr_gets_its_own_power_law():
                                (len(BATCH), len(LRS), 3))
     losses = np.where(unstable, np.inf, 3.0 + 0.1 * np.arange(len(LRS))[None, :, None])
     _, stable = fit_optimum_scaling(BATCH, LRS, losses, unstable, init_loss=5.0)
-    grid_top = np.array([LRS[LRS <= t].max() for t in threshold])
+    grid_top = np.array([LRS[t >= LRS].max() for t in threshold])
     expected = np.polyfit(np.log(BATCH), np.log(grid_top), 1)[0]
     assert stable.exponent == pytest.approx(expected)
 
