@@ -319,3 +319,15 @@ def test_a_tuned_experiment_resumes_after_a_kill_during_tuning_and_reports_per_a
     import json
     rows_json = json.loads(status.stdout)
     assert {r["role"] for r in rows_json} == {"tuning", "confirmation"}
+
+
+def test_until_settled_rounds_add_confirmation_seeds_after_tuning(tmp_path, articles_data):
+    spec = tuned_spec(articles_data)
+    spec["independent"]["nuisance"]["seeds"] = [2]
+    spec["analysis"] = {"until_settled": True, "max_seeds": 3, "seeds_per_round": 1}
+    plan = load_plan(write(tmp_path, spec))
+    design = driver.design_of(plan)
+    assert [list(r) for r in design.rounds] == [[0, 1], [3]]  # seed 2 is a tuning seed
+    rounds = driver.plan_rounds(plan, design)
+    assert rounds[1]["runs"] == ["small-s3", "large-s3"]  # confirmation runs only
+    assert all("~" not in rid for r in rounds for rid in r["runs"])

@@ -42,15 +42,8 @@ from lmlab.errors import UserError
 from lmlab.execute.experiment import check_hardware, open_experiment, run_experiment
 from lmlab.execute.pack import PackOption
 from lmlab.names import FINISHED, RESULT_SEQUENTIAL, RESULT_TUNING, STORE_FILE, Role
-from lmlab.spec.expand import (
-    Plan,
-    Point,
-    check_until_settled,
-    expand,
-    initial_points,
-    seed_rounds,
-    spec_checks,
-)
+from lmlab.spec.expand import Plan, check_until_settled, expand, seed_rounds, spec_checks
+from lmlab.spec.nuisance import Point, initial_points, middle_point
 from lmlab.store import Store
 
 
@@ -283,10 +276,7 @@ def stand_in(plan: Plan, seeds: list[int] | None = None) -> Plan:
     plan`` times, since the nuisance values change no step's cost."""
     if plan.nuisance is None:
         return plan if seeds is None else expand(plan.spec, plan.doc, seeds=seeds)
-    selected = plan.selected
-    if not selected:
-        points = initial_points(plan.nuisance)
-        selected = dict.fromkeys(plan.arms, points[(len(points) - 1) // 2])
+    selected = plan.selected or dict.fromkeys(plan.arms, middle_point(plan.nuisance))
     return expand(plan.spec, plan.doc, seeds=seeds, tuning=plan.tuning or None,
                   selected=selected)
 

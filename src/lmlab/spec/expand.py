@@ -33,7 +33,7 @@ from lmlab.spec import expr
 from lmlab.spec.budget import check_window, resolve_budget
 from lmlab.spec.footprint import check_fits, host_memory_bytes
 from lmlab.spec.load import YamlDoc, load_yaml, upgrade_spec_doc, validate
-from lmlab.spec.nuisance import Point, initial_points
+from lmlab.spec.nuisance import Point, middle_point
 from lmlab.spec.nuisance import units as nuisance_units
 from lmlab.spec.schema import Check, Nuisance, SeedPolicy, Spec
 
@@ -88,9 +88,9 @@ class Plan:
         run and, for a tuning sweep, each arm at the middle of its first search (the edges of
         a learning-rate sweep are there to find where training fails: a memorisation check
         failing at them says nothing about the pipeline)."""
-        middle = {arm: points[(len(points) - 1) // 2] for arm, points in
-                  ((a, initial_points(self.nuisance)) for a in self.arms)} if self.nuisance else {}
-        return [r for r in self.runs if not r.tuning or r.point == middle.get(r.arm)]
+        if self.nuisance is None:
+            return self.runs
+        return [r for r in self.runs if not r.tuning or r.point == middle_point(self.nuisance)]
 
     @property
     def base(self) -> Path:
@@ -169,7 +169,9 @@ def seed_rounds(spec: Spec, max_seeds: int, per_round: int | None = None) -> lis
     declared = list(spec.meta.seeds)
     per_round = per_round or spec.analysis.seeds_per_round or len(declared)
     rounds, used = [declared], set(declared)
-    candidates = (s for s in itertools.count() if s not in used)
+    # A nuisance sweep's tuning seeds are never confirmation seeds.
+    taken = used | set(spec.independent.nuisance.seeds if spec.independent.nuisance else ())
+    candidates = (s for s in itertools.count() if s not in taken)
     while len(used) < max_seeds:
         new = [next(candidates) for _ in range(min(per_round, max_seeds - len(used)))]
         used.update(new)

@@ -36,6 +36,13 @@ def initial_points(nuisance: Nuisance | None) -> list[Point]:
     return [{}] if nuisance is None else nuisance.points()
 
 
+def middle_point(nuisance: Nuisance) -> Point:
+    """The middle of the first search: where the preflight checks a sweep, and where ``lmlab
+    plan`` times the confirmation runs before any value is selected."""
+    points = nuisance.points()
+    return points[(len(points) - 1) // 2]
+
+
 def units(spec: Spec, design: list[tuple[str, dict[str, Any], str]],
           tuning: dict[str, list[Point]] | None, selected: dict[str, Point] | None) -> list[Unit]:
     """What to resolve: each arm (no nuisance); else each arm at each of its tuning points, and
