@@ -189,11 +189,15 @@ def tune(plan: Plan, out_dir: Path, *, skip_preflight: bool = False, force_new: 
                         "independent.nuisance.search: keep the search, or use another --out "
                         "(or --force-new to move these results aside)", file=str(plan.doc.path))
     if record is None:
-        record = {"points": {a: first for a in plan.arms}, "extended": dict.fromkeys(plan.arms, 0),
-                  "selected": None, "extensions": []}
+        record = {"points": {}, "extended": {}, "selected": None, "extensions": []}
+    for arm in plan.arms:  # an arm added to the spec since is tuned on its own
+        record["points"].setdefault(arm, first)
+        record["extended"].setdefault(arm, 0)
+    selected: dict[str, Point] = dict(record["selected"] or {})
     moved = None
-    while record["selected"] is None:
-        sweep_plan = expand(plan.spec, plan.doc, tuning=record["points"])
+    while open_ := [a for a in plan.arms if a not in selected]:
+        sweep_plan = expand(plan.spec, plan.doc, tuning=record["points"],
+                            selected={a: p for a, p in selected.items() if a in plan.arms})
         check_hardware(sweep_plan)
         moved = moved or open_experiment(sweep_plan, out_dir, force_new=force_new)
         force_new = False
@@ -204,13 +208,13 @@ def tune(plan: Plan, out_dir: Path, *, skip_preflight: bool = False, force_new: 
         if outcome.unfinished:
             return outcome
         with Store.open(out_dir) as store:
-            judged = sweeps(load_runs(store, Role.TUNING), list(plan.arms), nuisance)
-        grown = extend_edges(record, judged, nuisance.extend)
-        if not grown:
-            record["selected"] = _selection(judged, plan)
+            judged = sweeps(load_runs(store, Role.TUNING), open_, nuisance)
+        if not extend_edges(record, judged, nuisance.extend):
+            selected |= _selection(judged, plan)  # once chosen, never chosen again
+            record["selected"] = selected
             _put_tuning(out_dir, record)
-    selected = {a: dict(p) for a, p in record["selected"].items()}
-    return expand(plan.spec, plan.doc, tuning=record["points"], selected=selected)
+    return expand(plan.spec, plan.doc, tuning=record["points"],
+                  selected={a: dict(selected[a]) for a in plan.arms})
 
 
 def extend_edges(record: dict[str, Any], judged: dict[str, ArmSweep], limit: int) -> bool:
