@@ -213,10 +213,10 @@ def _steady_tokens_per_s(marks: Sequence[MetricRow]) -> float | None:
 
 # -- lmlab status --------------------------------------------------------------------------------
 
-STATUS_KEYS = ("run_id", "arm", "role", "point", "seed", "status", "steps", "tokens", "wall_s", "final_val_loss",
-               "final_val_ppl", "final_val_bpb", "final_val_word_ppl", "tokens_per_s",
-               "peak_mem_bytes", "optimizer_state_bytes", "stopped_at_step", "last_eval",
-               "events")
+STATUS_KEYS = ("run_id", "arm", "role", "point", "seed", "status", "steps", "tokens", "wall_s",
+               "final_val_loss", "final_val_ppl", "final_val_bpb", "final_val_word_ppl",
+               "tokens_per_s", "peak_mem_bytes", "optimizer_state_bytes", "stopped_at_step",
+               "last_eval", "events")
 
 
 def status_row(run: RunRecord) -> dict[str, Any]:

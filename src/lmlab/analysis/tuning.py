@@ -276,7 +276,8 @@ def answer(ci: tuple[float, float] | None, exponent: float) -> tuple[str, str]:
         return "square root", "the interval holds 0.5 and excludes 1"
     if has1 and has05:
         return "inconclusive", "the interval holds both 0.5 and 1: more tuning seeds or arms"
-    return "neither", f"the interval excludes both 0.5 and 1 (it lies {'below' if hi < 0.5 else 'above' if lo > 1 else 'between'} them)"
+    where = "below" if hi < 0.5 else "above" if lo > 1 else "between"
+    return "neither", f"the interval excludes both 0.5 and 1 (it lies {where} them)"
 
 
 def optimum(log_x: np.ndarray, scores: np.ndarray) -> np.ndarray:

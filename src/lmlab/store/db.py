@@ -495,8 +495,8 @@ def _check_status(status: str) -> None:
         raise ValueError(f"unknown run status {status!r}; expected one of {', '.join(STATUSES)}")
 
 
-_JSON_COLUMNS = {"config_json": "config", "provenance_json": "provenance", "summary_json": "summary",
-                 "point_json": "point"}
+_JSON_COLUMNS = {"config_json": "config", "provenance_json": "provenance",
+                 "summary_json": "summary", "point_json": "point"}
 
 
 def _run_dict(description: Sequence[Sequence[Any]], row: Sequence[Any]) -> dict[str, Any]:
