@@ -56,8 +56,8 @@ def section(inputs: ReportInputs) -> TuningSection | None:
         arm_rows.append([arm, _point(chosen) if chosen else "— (tuning not finished)",
                          _edge_text(s), fmt_value(s.largest_stable) if s.largest_stable
                          is not None else "none", _sensitivity(s), str(s.extended)])
-    arms = Table(["Arm", "Selected", "Edge", f"Largest stable {s.path if t.sweeps else ''}",
-                  "LR sensitivity", "Extensions"], arm_rows, ["l", "l", "l", "r", "r", "r"])
+    arms = Table(["Arm", "Selected", "Edge", f"Largest stable {paths[0]}", "LR sensitivity",
+                  "Extensions"], arm_rows, ["l", "l", "l", "r", "r", "r"])
     return TuningSection(intro, sweep, arms, _notes(t), inputs.figures.get("lr_sensitivity"))
 
 
@@ -74,8 +74,6 @@ def _notes(t: Tuning) -> list[str]:
                        f"is the {'smallest' if edge == 'low' else 'largest'} value searched: "
                        f"its optimum may lie beyond the range ({did}). Widen the search or "
                        "raise extend before reading this arm's comparison as its best.")
-        if s.sensitivity is not None and s.init_loss is not None:
-            continue
         if s.finished and s.init_loss is None:
             out.append(f"{arm}: no validation at step 0, so the LR sensitivity (capped at the "
                        "loss at initialisation) is not defined.")
