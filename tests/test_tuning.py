@@ -178,6 +178,8 @@ def test_the_answer_reads_the_interval():
     assert answer((0.2, 1.3), 0.7)[0] == "inconclusive"
     assert answer((0.6, 0.9), 0.75)[0] == "neither"
     assert answer(None, 0.5)[0] == "inconclusive"
+    assert answer((-1.8, 0.52), -0.6)[0] == "inconclusive"  # holds 0.5, but also 0
+    assert answer((-0.5, -0.1), -0.3)[0] == "neither"
 
 
 # -- the spec and the plan ---------------------------------------------------------------------

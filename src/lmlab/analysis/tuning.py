@@ -263,21 +263,24 @@ class PowerLaw:
 
 
 def answer(ci: tuple[float, float] | None, exponent: float) -> tuple[str, str]:
-    """Which scaling rule the exponent's interval supports: proportional (1), square root
-    (0.5), neither (it excludes both), or inconclusive (it holds both, or there is none)."""
+    """Which scaling rule the exponent's interval supports: proportional (1) or square root
+    (0.5) when it holds that value and excludes the other and 0 (no growth at all); neither
+    when it excludes both; otherwise inconclusive (or when there is no interval)."""
     if ci is None:
         return "inconclusive", (f"exponent {exponent:.2f} with no interval (one tuning seed: "
                                 "nothing to resample)")
     lo, hi = ci
-    has1, has05 = lo <= 1.0 <= hi, lo <= 0.5 <= hi
-    if has1 and not has05:
-        return "proportional", "the interval holds 1 and excludes 0.5"
-    if has05 and not has1:
-        return "square root", "the interval holds 0.5 and excludes 1"
-    if has1 and has05:
-        return "inconclusive", "the interval holds both 0.5 and 1: more tuning seeds or arms"
-    where = "below" if hi < 0.5 else "above" if lo > 1 else "between"
-    return "neither", f"the interval excludes both 0.5 and 1 (it lies {where} them)"
+    held = [v for v in (0.0, 0.5, 1.0) if lo <= v <= hi]
+    if held == [1.0]:
+        return "proportional", "the interval holds 1 and excludes 0.5 and 0"
+    if held == [0.5]:
+        return "square root", "the interval holds 0.5 and excludes 1 and 0"
+    if 0.5 not in held and 1.0 not in held:
+        where = "below" if hi < 0.5 else "above" if lo > 1 else "between"
+        return "neither", f"the interval excludes both 0.5 and 1 (it lies {where} them)"
+    return "inconclusive", (f"the interval holds {' and '.join(f'{v:g}' for v in held)}"
+                            + (" (no growth with the batch size)" if 0.0 in held else "")
+                            + ": more tuning seeds, arms or budget")
 
 
 def optimum(log_x: np.ndarray, scores: np.ndarray) -> np.ndarray:

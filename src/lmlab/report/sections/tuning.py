@@ -120,8 +120,8 @@ def _law(law: PowerLaw, t: Tuning) -> str:
     text = (f"{law.what.capitalize()} ∝ batch^{law.exponent:.2f}, {ci}: {rule} — {law.reason}.")
     if law.censored:
         text += (f" Caution: for {', '.join(law.censored)} the value is at the edge of the "
-                 "search, so the true one may lie beyond it and the exponent is bounded, not "
-                 "measured.")
+                 "grid every arm ran, so the true one may lie beyond it and the exponent is "
+                 "bounded, not measured.")
     return text
 
 
