@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from lmlab.driver import stand_in
 from lmlab.model import build_model
 from lmlab.spec.expand import Plan, load_plan
 
@@ -35,7 +36,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module", params=EXAMPLES, ids=_id)
 def example(request: pytest.FixtureRequest) -> tuple[Path, Plan]:
     path: Path = request.param
-    return path, load_plan(path)
+    # A tuned example's confirmation runs at a stand-in value (its tuning selects the real one).
+    return path, stand_in(load_plan(path))
 
 
 def test_examples_exist_for_every_category() -> None:
@@ -46,7 +48,10 @@ def test_examples_exist_for_every_category() -> None:
 def test_example_plans_every_arm_and_seed_on_real_wikitext(example: tuple[Path, Plan]) -> None:
     path, plan = example
     spec = plan.spec
-    assert len(plan.runs) == len(plan.arms) * len(spec.meta.seeds) >= 2
+    tuning = plan.nuisance
+    assert len(plan.confirmation_runs) == len(plan.arms) * len(spec.meta.seeds) >= 2
+    assert len(plan.runs) - len(plan.confirmation_runs) == (
+        len(plan.arms) * len(tuning.points()) * len(tuning.seeds) if tuning else 0)
     assert len({r.run_id for r in plan.runs}) == len(plan.runs)
     assert spec.controlled.data.dataset == "wikitext-2-raw-v1"
     for r in plan.runs:
@@ -81,7 +86,9 @@ def test_cli_validate_and_plan_list_the_runs(example: tuple[Path, Plan]) -> None
     path, plan = example
     done = _cli("validate", str(path))
     assert done.returncode == 0, done.stderr
-    assert f"{len(plan.runs)} runs" in " ".join(done.stdout.split())
+    tuning = len(plan.runs) - len(plan.confirmation_runs)
+    assert (f"{tuning} tuning runs" if tuning else f"{len(plan.runs)} runs") in \
+        " ".join(done.stdout.split())
     done = _cli("plan", "--no-estimate", "--json", str(path))
     assert done.returncode == 0, done.stderr
     record = json.loads(done.stdout)
@@ -113,3 +120,19 @@ def test_batch_lr_example_asks_the_templates_question() -> None:
     warmup_tokens = {c.schedule.warmup_steps * c.train.tokens_per_step for c in cfg.values()}
     assert len(warmup_tokens) == 1
     assert len({c.budget.tokens for c in cfg.values()}) == 1
+
+
+def test_batch_lr_scaling_example_tunes_the_lr_per_batch_size() -> None:
+    """The template's question as it can be answered: the batch size is the scientific
+    variable, the learning rate a nuisance searched on a log grid for every batch size at
+    several tuning seeds (an interval for the exponent needs more than one), with the warmup
+    tokens equal in every arm."""
+    plan = load_plan(Path(__file__).resolve().parents[1] / "examples" /
+                     "hyperparam_batch_lr_scaling.yaml")
+    n = plan.nuisance
+    assert n is not None and list(n.search) == ["optimizer.lr"] and n.log_scale("optimizer.lr")
+    assert len(n.seeds) >= 3 and n.extend >= 1 and n.select.startswith("final_val")
+    batches = sorted({r.config.train.batch_size for r in plan.runs})
+    assert len(batches) >= 3 and "optimizer.lr" not in str(plan.spec.independent.arms)
+    warmup = {r.config.schedule.warmup_steps * r.config.train.tokens_per_step for r in plan.runs}
+    assert len(warmup) == 1

@@ -454,3 +454,30 @@ def test_hardware_summary() -> None:
         == "AMD EPYC (CPU, 4 of 16 logical cores usable)"
     assert hardware_summary({"cpu_count": 1, "cpu_model": "x"}) == "x (CPU, 1 logical core)"
     assert hardware_summary({}) == "unknown CPU (CPU)"
+
+
+def test_a_v2_store_gains_run_roles_and_keeps_every_run_a_confirmation_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """v3 adds a run's role (a nuisance sweep's tuning runs beside the confirmation runs): an
+    older store's runs all become confirmation runs, and the loader still reads every one."""
+    from lmlab.analysis.records import load_runs
+    from lmlab.names import Role
+
+    cfg = RunConfig()
+    monkeypatch.setattr(dbmod, "MIGRATIONS", dbmod.MIGRATIONS[:2])
+    with Store.open(tmp_path) as s:
+        s.add_run("a-s0", "a", 0, cfg.to_json(), cfg.config_hash)
+        assert s.schema_version == 2
+        assert "role" not in s.run("a-s0")
+    monkeypatch.undo()
+    with Store.open(tmp_path) as s:
+        assert s.schema_version == LATEST
+        assert s.run("a-s0")["role"] == Role.CONFIRMATION and s.run("a-s0")["point"] is None
+        s.add_run("a~lr=0.01-s9", "a", 9, cfg.to_json(), cfg.config_hash, role=Role.TUNING,
+                  point={"optimizer.lr": 0.01})
+        with pytest.raises(ValueError):
+            s.add_run("x", "a", 0, cfg.to_json(), cfg.config_hash, role="warmup")
+        assert [r.run_id for r in load_runs(s)] == ["a-s0"]
+        (tuning,) = load_runs(s, Role.TUNING)
+        assert tuning.point == {"optimizer.lr": 0.01} and tuning.role == Role.TUNING
+        assert len(load_runs(s, None)) == 2

@@ -14,6 +14,15 @@ checkpoints) and the report shows every look.
 
 The design cannot change once the first round has started: the boundaries depend on the cap,
 and changing it after a look would let the data choose the test.
+
+With nuisance variables (``independent.nuisance``) the experiment has a tuning phase first:
+every arm's sweep (its points x the tuning seeds), judged by :mod:`lmlab.analysis.tuning` once
+it has ended; an arm whose best value sits on an edge of the search gets one point beyond it
+(up to ``extend``), and the sweep runs again, until no arm needs one. Then each arm's selected
+point is fixed and its confirmation runs (every seed, or round after round) run at it. Each
+extension and the selection are recorded before what depends on them runs
+(``RESULT_TUNING``), so a kill anywhere resumes where it stopped, and a selection once made is
+never re-chosen.
 """
 
 from __future__ import annotations
@@ -24,15 +33,18 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.analysis.checks import is_test
+from lmlab.analysis.records import load_runs
 from lmlab.analysis.sequential import Design, Level
 from lmlab.analysis.summary import load_experiment, summarize_arms
+from lmlab.analysis.tuning import ArmSweep, extension, sweeps
 from lmlab.analysis.verdict import HypothesisVerdict, judge_experiment
 from lmlab.errors import UserError
 from lmlab.execute.experiment import check_hardware, open_experiment, run_experiment
 from lmlab.execute.pack import PackOption
 from lmlab.execute.remote import ExecutorOptions
-from lmlab.names import FINISHED, RESULT_SEQUENTIAL, STORE_FILE
+from lmlab.names import FINISHED, RESULT_SEQUENTIAL, RESULT_TUNING, STORE_FILE, Role
 from lmlab.spec.expand import Plan, check_until_settled, expand, seed_rounds, spec_checks
+from lmlab.spec.nuisance import Point, initial_points, middle_point
 from lmlab.store import Store
 
 
@@ -82,6 +94,12 @@ def run(plan: Plan, out_dir: Path, *, until_settled: bool | None = None,
     settled. Rerun to resume; a design already started continues as recorded. ``pack``: the
     --pack option (default: the spec's ``execution.pack``); ``executor``: where the runs train."""
     asked = design_of(plan, until_settled, max_seeds)
+    if plan.nuisance is not None:
+        tuned = tune(plan, out_dir, skip_preflight=skip_preflight, force_new=force_new,
+                     parallel=parallel, pack=pack, executor=executor)
+        if isinstance(tuned, Outcome):  # interrupted or failed during tuning
+            return tuned
+        plan, force_new = tuned, False  # the tuning runs are this experiment's now
     stored = None if force_new else _stored(out_dir)
     if stored is not None:
         design = Design.from_json(stored["design"])
@@ -106,7 +124,8 @@ def run(plan: Plan, out_dir: Path, *, until_settled: bool | None = None,
     while True:
         look = int(record["rounds_started"])
         seeds = sorted(design.seeds_through(look))
-        round_plan = expand(plan.spec, plan.doc, seeds=seeds)
+        round_plan = expand(plan.spec, plan.doc, seeds=seeds, tuning=plan.tuning or None,
+                            selected=plan.selected or None)
         check_hardware(round_plan, executor)
         moved = moved or open_experiment(round_plan, out_dir, force_new=force_new)
         force_new = False  # the old results are aside; the next rounds extend this experiment
@@ -141,10 +160,10 @@ def plan_rounds(plan: Plan, design: Design,
     the spec's tests at its first Holm share: the boundaries loosen as checks settle)."""
     tests = sum(is_test(c) for _, c in spec_checks(plan.spec)) or 1
     share = design.alpha / tests
-    full = expand(plan.spec, plan.doc, seeds=sorted(design.seeds_through(len(design.rounds))))
+    full = stand_in(plan, sorted(design.seeds_through(len(design.rounds))))
     out, total, fractions = [], 0.0, []
     for k, seeds in enumerate(design.rounds, 1):
-        runs = [r for r in full.runs if r.seed in seeds]
+        runs = [r for r in full.confirmation_runs if r.seed in seeds]
         known = [estimates.get(r.run_id) for r in runs] if estimates else []
         expected = sum(e for e in known if e is not None) if known and None not in known else None
         total = total + expected if expected is not None else total
@@ -154,6 +173,131 @@ def plan_rounds(plan: Plan, design: Design,
                     "expected_s": expected, "cumulative_s": total if expected is not None else None,
                     "boundary_p": Level(share, tuple(fractions)).two_sided})
     return out
+
+
+# -- the tuning phase ----------------------------------------------------------------------------
+
+
+def tune(plan: Plan, out_dir: Path, *, skip_preflight: bool = False, force_new: bool = False,
+         parallel: int | None = None, pack: PackOption | None = None,
+         executor: ExecutorOptions | None = None) -> Plan | Outcome:
+    """Run every arm's nuisance sweep to its selection: the plan with each arm's selected point
+    (its confirmation runs planned), or the Outcome of a sweep that did not finish."""
+    nuisance = plan.nuisance
+    assert nuisance is not None
+    record = None if force_new else _stored_tuning(out_dir)
+    first = initial_points(nuisance)
+    if record is not None and any(pts[:len(first)] != first for pts in record["points"].values()):
+        raise UserError(f"{out_dir} holds a tuning sweep over other values than the spec's "
+                        "independent.nuisance.search: keep the search, or use another --out "
+                        "(or --force-new to move these results aside)", file=str(plan.doc.path))
+    if record is None:
+        record = {"points": {}, "extended": {}, "selected": None, "extensions": []}
+    for arm in plan.arms:  # an arm added to the spec since is tuned on its own
+        record["points"].setdefault(arm, first)
+        record["extended"].setdefault(arm, 0)
+    selected: dict[str, Point] = dict(record["selected"] or {})
+    moved = None
+    while open_ := [a for a in plan.arms if a not in selected]:
+        sweep_plan = expand(plan.spec, plan.doc, tuning=record["points"],
+                            selected={a: p for a, p in selected.items() if a in plan.arms})
+        check_hardware(sweep_plan, executor)
+        moved = moved or open_experiment(sweep_plan, out_dir, force_new=force_new)
+        force_new = False
+        _put_tuning(out_dir, record)  # each extension is on record before its runs start
+        done = run_experiment(sweep_plan, out_dir, skip_preflight=skip_preflight,
+                              parallel=parallel, pack=pack, executor=executor)
+        outcome = Outcome(done["results"], done["preflight"], moved)
+        if outcome.unfinished:
+            return outcome
+        with Store.open(out_dir) as store:
+            judged = sweeps(load_runs(store, Role.TUNING), open_, nuisance)
+        if not extend_edges(record, judged, nuisance.extend):
+            selected |= _selection(judged, plan)  # once chosen, never chosen again
+            record["selected"] = selected
+            _put_tuning(out_dir, record)
+    return expand(plan.spec, plan.doc, tuning=record["points"],
+                  selected={a: dict(selected[a]) for a in plan.arms})
+
+
+def extend_edges(record: dict[str, Any], judged: dict[str, ArmSweep], limit: int) -> bool:
+    """One point beyond the edge for every arm whose best value is on one (while it has
+    extensions left), added to the tuning ``record``; whether any was."""
+    grown = False
+    for arm, s in judged.items():
+        if not s.edges or record["extended"][arm] >= limit:
+            continue
+        path = s.path
+        values = [float(p.point[path]) for p in s.points]
+        integer = all(isinstance(p.point[path], int) for p in s.points)
+        new = extension(values, s.edges[path], s.log[path], integer)
+        if new is None:
+            continue
+        value: float | int = int(new) if integer else new
+        record["points"][arm] = [*record["points"][arm], {path: value}]
+        record["extended"][arm] += 1
+        record["extensions"].append({"arm": arm, "edge": s.edges[path], "path": path,
+                                     "value": value, "best_was": s.selected.point[path]
+                                     if s.selected else None})
+        grown = True
+    return grown
+
+
+def _selection(judged: dict[str, ArmSweep], plan: Plan) -> dict[str, Point]:
+    out = {}
+    for arm, s in judged.items():
+        if s.selected is None:
+            raise plan.doc.error("independent.nuisance.search", f"arm {arm}: no tuning point "
+                                 "ended with a finite selection metric (every one diverged): "
+                                 "search smaller values; the tuning runs stay stored")
+        out[arm] = dict(s.selected.point)
+    return out
+
+
+def plan_tuning(plan: Plan, estimates: dict[str, float | None] | None = None) -> dict[str, Any]:
+    """What the tuning phase may run: the first sweep's runs and the extensions' worst case
+    (every arm extended ``extend`` times, each point x the tuning seeds), with their expected
+    seconds from ``estimates`` (by run id; an extension point costs what the arm's other
+    tuning runs cost: the nuisance values change no step's cost)."""
+    nuisance = plan.nuisance
+    assert nuisance is not None
+    tuning = [r for r in plan.runs if r.tuning]
+    per_arm: dict[str, list[float]] = {}
+    for r in tuning:
+        e = (estimates or {}).get(r.run_id)
+        if e is not None:
+            per_arm.setdefault(r.arm, []).append(e)
+    extra = nuisance.extend * len(nuisance.seeds)
+    known = estimates is not None and all(a in per_arm for a in plan.arms)
+    extra_s = sum(extra * sum(v) / len(v) for v in per_arm.values()) if known else None
+    return {"first_sweep_runs": len(tuning), "points": len(initial_points(nuisance)),
+            "tuning_seeds": list(nuisance.seeds), "select": nuisance.select,
+            "extend": nuisance.extend, "extension_runs_worst_case": extra * len(plan.arms),
+            "extension_s_worst_case": extra_s,
+            "confirmation_runs": len(plan.confirmation_runs)}
+
+
+def stand_in(plan: Plan, seeds: list[int] | None = None) -> Plan:
+    """The plan of ``seeds`` (default: its own) with, where tuning has not selected yet, every
+    arm's confirmation runs at a stand-in point (the middle of the first search): what ``lmlab
+    plan`` times, since the nuisance values change no step's cost."""
+    if plan.nuisance is None:
+        return plan if seeds is None else expand(plan.spec, plan.doc, seeds=seeds)
+    selected = plan.selected or dict.fromkeys(plan.arms, middle_point(plan.nuisance))
+    return expand(plan.spec, plan.doc, seeds=seeds, tuning=plan.tuning or None,
+                  selected=selected)
+
+
+def _stored_tuning(out_dir: Path) -> dict[str, Any] | None:
+    if not (out_dir / STORE_FILE).exists():
+        return None
+    with Store.open(out_dir) as store:
+        return store.get_result(RESULT_TUNING)
+
+
+def _put_tuning(out_dir: Path, record: dict[str, Any]) -> None:
+    with Store.open(out_dir) as store:
+        store.put_result(RESULT_TUNING, record)
 
 
 # -- the record --------------------------------------------------------------------------------

@@ -21,13 +21,15 @@ Every identity lmlab uses derives from :func:`identity`:
   evaluation (a member that finishes first leaves the pack). Runs with one shape identity and
   nothing ``lmlab.train.pack.unpackable`` objects to can train as one stacked model.
 
-``run_id(arm, seed)`` names a run, everywhere.
+``run_id(arm, seed)`` names a run, everywhere; ``tuning_run_id(arm, point, seed)`` a tuning run
+of a nuisance sweep (``independent.nuisance``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -90,6 +92,14 @@ def same(a: RunConfig | Mapping[str, Any], b: RunConfig | Mapping[str, Any],
 def run_id(arm: str, seed: int) -> str:
     """The id of seed ``seed`` of arm ``arm`` (``lmlab train`` uses the config file's name)."""
     return f"{arm}-s{seed}"
+
+
+def tuning_run_id(arm: str, point: Mapping[str, Any], seed: int) -> str:
+    """The id of a tuning run: seed ``seed`` of arm ``arm`` at the nuisance values ``point``
+    (``b8~lr=0.001-s1000``). ``~`` marks the tuning role; the rest stays file-name safe."""
+    values = "_".join(f"{p.rsplit('.', 1)[-1]}={v:.4g}" if isinstance(v, float) else
+                      f"{p.rsplit('.', 1)[-1]}={v}" for p, v in point.items())
+    return f"{arm}~{re.sub(r'[^A-Za-z0-9_.=+-]', '-', values)}-s{seed}"
 
 
 # -- lmlab 0.1 -----------------------------------------------------------------------------------

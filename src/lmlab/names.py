@@ -44,6 +44,16 @@ FINISHED = frozenset({Status.COMPLETED, Status.DIVERGED, Status.OVER_BUDGET})
 UNFINISHED = frozenset({Status.PENDING, Status.RUNNING, Status.INTERRUPTED})
 
 
+class Role(StrEnum):
+    """What a run is for. A nuisance variable (``independent.nuisance``) makes an experiment two
+    phases: ``tuning`` runs sweep it per arm, ``confirmation`` runs (every seed of meta.seeds)
+    run each arm at its selected value. Statistics and verdicts read confirmation runs only:
+    judging on the runs a value was selected by would carry the selection's luck into them."""
+
+    CONFIRMATION = "confirmation"
+    TUNING = "tuning"
+
+
 # -- events ---------------------------------------------------------------------------------------
 
 
@@ -146,6 +156,9 @@ RESULT_PREFLIGHT = "experiment/preflight"
 RESULT_SEQUENTIAL = "experiment/sequential"
 # The cluster jobs a remote driver submitted, by a unit's first run: a restarted driver adopts them.
 RESULT_JOBS = "execute/jobs"
+# The tuning phase of an experiment with nuisance variables: every arm's searched points (the
+# extensions included, each recorded before it runs) and, once tuning is done, each selection.
+RESULT_TUNING = "experiment/tuning"
 
 
 # -- config paths several modules reason about ------------------------------------------------
@@ -154,6 +167,9 @@ RESULT_JOBS = "execute/jobs"
 # arm's identity.
 # The seed and its parts (init, data order) are set by meta.seeds and controlled.seed_policy.
 PER_SEED_PATHS = frozenset({"train.seed", "train.init_seed", "train.data_seed"})
+# The learning rates (AdamW's and Muon's matrices'): the decision's "Selected LR", and what a
+# nuisance sweep's sensitivity and scaling analyses treat as the learning rate.
+LR_PATHS = ("optimizer.lr", "optimizer.muon_lr")
 # The effective batch (sequences per optimizer step) and its ramp. The Memory / Systems addendum
 # compares arms at one effective batch; train.grad_accum may change (micro-batch x accumulation).
 EFFECTIVE_BATCH_PATHS = ("train.batch_size", "train.batch_size_start", "train.batch_ramp_steps")

@@ -45,6 +45,7 @@ from lmlab.names import (
     TRAIN_LOSS,
     VAL,
     VAL_LOSS,
+    Role,
     Status,
     eval_metric,
 )
@@ -95,6 +96,8 @@ class RunRecord:
     steady_tokens_per_s: float | None = None
     last_eval: Evaluation | None = None
     stopped_at_step: int | None = None  # the last step of a run that did not complete
+    role: str = Role.CONFIRMATION  # a nuisance sweep's tuning run, or a confirmation run
+    point: dict[str, Any] = field(default_factory=dict)  # a tuning run's nuisance values
 
     @property
     def completed(self) -> bool:
@@ -132,15 +135,21 @@ def mixed_hardware(runs: Iterable[RunRecord]) -> list[str]:
     return seen if len(seen) > 1 else []
 
 
-def load_runs(store: Store) -> list[RunRecord]:
-    """Every run in ``store``, in the plan's order, with its quantities computed."""
+def load_runs(store: Store, role: str | None = Role.CONFIRMATION) -> list[RunRecord]:
+    """Every run in ``store`` of ``role`` (None: every role), in the plan's order, with its
+    quantities computed. The default is the confirmation runs: what every statistic, verdict
+    and table of arms is computed from; a nuisance sweep's tuning runs are read on purpose
+    (``role=Role.TUNING``), never mixed in by accident."""
     out = []
     for row in store.runs():
+        if role is not None and row.get("role", Role.CONFIRMATION) != role:
+            continue
         rid = row["run_id"]
         run = RunRecord(run_id=rid, arm=row["arm"], seed=int(row["seed"]), status=row["status"],
                         config=row.get("config") or {}, provenance=row.get("provenance") or {},
                         summary=row.get("summary") or {}, error=row.get("error"),
-                        curves=store.metrics(rid), events=store.events(rid))
+                        curves=store.metrics(rid), events=store.events(rid),
+                        role=row.get("role") or Role.CONFIRMATION, point=row.get("point") or {})
         _compute(run)
         out.append(run)
     return out
@@ -219,17 +228,18 @@ def _steady_tokens_per_s(marks: Sequence[MetricRow]) -> float | None:
 
 # -- lmlab status --------------------------------------------------------------------------------
 
-STATUS_KEYS = ("run_id", "arm", "seed", "status", "steps", "tokens", "wall_s", "final_val_loss",
-               "final_val_ppl", "final_val_bpb", "final_val_word_ppl", "tokens_per_s",
-               "peak_mem_bytes", "optimizer_state_bytes", "stopped_at_step", "last_eval",
-               "events")
+STATUS_KEYS = ("run_id", "arm", "role", "point", "seed", "status", "steps", "tokens", "wall_s",
+               "final_val_loss", "final_val_ppl", "final_val_bpb", "final_val_word_ppl",
+               "tokens_per_s", "peak_mem_bytes", "optimizer_state_bytes", "stopped_at_step",
+               "last_eval", "events")
 
 
 def status_row(run: RunRecord) -> dict[str, Any]:
     """One run as ``lmlab status --json`` prints it (a stable interface: ``STATUS_KEYS``)."""
     last = run.last_eval
     return {
-        "run_id": run.run_id, "arm": run.arm, "seed": run.seed, "status": str(run.status),
+        "run_id": run.run_id, "arm": run.arm, "role": str(run.role), "point": run.point,
+        "seed": run.seed, "status": str(run.status),
         "steps": run.steps, "tokens": run.tokens, "wall_s": run.wall_s,
         **{k: run.metrics[k] for k in ("final_val_loss", "final_val_ppl", "final_val_bpb",
                                        "final_val_word_ppl", "tokens_per_s", "peak_mem_bytes")},

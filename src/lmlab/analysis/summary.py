@@ -14,7 +14,7 @@ import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +31,11 @@ from lmlab.names import (
     RESULT_PREFLIGHT,
     RESULT_SEQUENTIAL,
     RESULT_SPEC,
+    RESULT_TUNING,
     RUN_METRICS,
     STATUSES,
     STORE_FILE,
+    Role,
 )
 from lmlab.spec.schema import Spec
 from lmlab.store import Store
@@ -66,6 +68,10 @@ class Experiment:
     # An until-settled experiment's design, rounds and looks (``RESULT_SEQUENTIAL``); None for
     # a fixed design.
     sequential: dict[str, Any] | None = None
+    # A nuisance sweep's tuning runs, kept apart from ``runs`` (the confirmation runs every
+    # statistic reads), and the tuning record (``RESULT_TUNING``: points, extensions, selection).
+    tuning: list[RunRecord] = field(default_factory=list)
+    tuning_record: dict[str, Any] | None = None
 
     @property
     def x_key(self) -> str:
@@ -78,10 +84,17 @@ class Experiment:
             return list(self.plan["variables"])
         return varied_paths([r.config for r in self.runs])
 
+    @property
+    def planned(self) -> list[dict[str, Any]]:
+        """The plan's confirmation runs (a nuisance sweep's tuning runs are planned too, and
+        never counted with them)."""
+        return [p for p in (self.plan or {}).get("runs", [])
+                if p.get("role", Role.CONFIRMATION) == Role.CONFIRMATION]
+
     def arm_values(self, arm: str) -> dict[str, Any]:
         """The independent variables' values of one arm (the plan's, else its first run's)."""
         if self.plan:
-            for planned in self.plan.get("runs", []):
+            for planned in self.planned:
                 if planned.get("arm") == arm:
                     return dict(planned.get("values") or {})
         runs = self.runs_of(arm)
@@ -126,9 +139,12 @@ def load_experiment(directory: Path | str, store: Store | None = None) -> Experi
         experiment_events = [e for e in store.events() if e["run_id"] is None]
         preflight = store.get_result(RESULT_PREFLIGHT)
         sequential = store.get_result(RESULT_SEQUENTIAL)
+        tuning = load_runs(store, Role.TUNING)
+        tuning_record = store.get_result(RESULT_TUNING)
 
     arms: list[str] = []
-    for arm in [p.get("arm") for p in (plan or {}).get("runs", [])] + [r.arm for r in runs]:
+    for arm in [p.get("arm") for p in (plan or {}).get("runs", [])] + \
+            [r.arm for r in [*tuning, *runs]]:
         if arm is not None and arm not in arms:
             arms.append(arm)
     reference = (plan or {}).get("reference")
@@ -139,7 +155,7 @@ def load_experiment(directory: Path | str, store: Store | None = None) -> Experi
     axis = (plan or {}).get("axis") or (spec.comparison_axis if spec else "equal_tokens")
     name = spec.meta.name if spec else directory.resolve().name
     return Experiment(directory, name, spec, spec_record, plan, preflight, runs, arms,
-                      reference, axis, experiment_events, sequential)
+                      reference, axis, experiment_events, sequential, tuning, tuning_record)
 
 
 # -- aggregation over seeds ----------------------------------------------------------------------

@@ -334,8 +334,7 @@ def _level_note(r: CheckResult, level: Level | None, m: int, alpha: float,
 
 
 def _planned_seeds(exp: Experiment, arm: str) -> tuple[int, ...]:
-    planned = [int(p["seed"]) for p in (exp.plan or {}).get("runs", [])
-               if p.get("arm") == arm and "seed" in p]
+    planned = [int(p["seed"]) for p in exp.planned if p.get("arm") == arm and "seed" in p]
     return tuple(sorted(planned or [r.seed for r in exp.runs_of(arm)]))
 
 

@@ -117,8 +117,12 @@ def new(
 def validate(spec: Annotated[Path, typer.Argument(help="an experiment spec YAML")]) -> None:
     """Schema and control checks: exit 0 when the spec is valid, 2 with file:line otherwise."""
     plan = plan_of(spec)
-    out.print(f"{spec}: valid — {len(plan.arms)} arms × {len(plan.spec.meta.seeds)} seeds = "
-              f"{len(plan.runs)} runs, axis {plan.spec.comparison_axis}, "
+    n = len(plan.spec.meta.seeds)
+    tuning = len(plan.runs) - len(plan.confirmation_runs)
+    runs = (f"{tuning} tuning runs, then {len(plan.arms)} arms × {n} seeds = "
+            f"{len(plan.arms) * n} confirmation runs at each arm's selected value"
+            if plan.nuisance else f"{len(plan.arms)} arms × {n} seeds = {len(plan.runs)} runs")
+    out.print(f"{spec}: valid — {runs}, axis {plan.spec.comparison_axis}, "
               f"independent: {', '.join(plan.variables)}")
     warn(plan)
     if todo := _placeholders(spec):
@@ -142,26 +146,34 @@ def plan(
     """The runs, their packs and their expected wall-clock.
 
     Each shape is timed on a few real steps; until settled, the rounds and the worst case."""
-    from lmlab.driver import design_of, plan_rounds
+    from lmlab.driver import design_of, plan_rounds, plan_tuning, stand_in
     from lmlab.execute.experiment import estimate, prepare_plan_data
     from lmlab.execute.pack import annotate, parse_pack, plan_packs
-    from lmlab.spec.expand import expand
 
     p = plan_of(spec, data_dir, fallback_corpus)
     warn(p, bound=no_estimate)  # a measured estimate says more than the bound
     option = parse_pack(pack if pack is not None else p.spec.execution.pack)
     design = design_of(p, until_settled, max_seeds)
-    if design is not None:  # every run the rounds may add is timed and listed
-        p = expand(p.spec, p.doc, seeds=sorted(design.seeds_through(len(design.rounds))))
+    # Every run the rounds may add is timed and listed; a tuned experiment's confirmation runs
+    # at a stand-in value (the selection is made from the tuning runs).
+    p = stand_in(p, sorted(design.seeds_through(len(design.rounds))) if design else None)
     if no_estimate:
         record = annotate(p.to_json(), plan_packs(p, option))
     else:
         with console.status("timing a few real steps of each shape..."), p.doc.located("controlled"):
             record = estimate(p, None, prepare_plan_data(p), option)
+    if p.nuisance is not None and not p.selected:  # the stand-in values are not the plan's
+        tuned = {k for r in p.runs if r.tuning for k, v in r.values.items()
+                 if v != p.arms[r.arm].get(k, v) or k in p.nuisance.search}
+        for r in record["runs"]:
+            if r["role"] != "tuning":
+                r["values"] = {**r["values"], **dict.fromkeys(tuned, "selected")}
+    estimates = {r["run_id"]: r.get("estimate_s") for r in record["runs"]}
     if design is not None:
-        estimates = {r["run_id"]: r.get("estimate_s") for r in record["runs"]}
         record["rounds"] = plan_rounds(p, design, estimates)
         record["sequential"] = design.to_json()
+    if p.nuisance is not None:
+        record["tuning"] = plan_tuning(p, None if no_estimate else estimates)
     if as_json:
         out.print_json(json.dumps(record))
         return
@@ -175,6 +187,16 @@ def plan(
         console.print(f"(too narrow for {', '.join(dropped)}: widen the terminal, or --json)")
     for line in pack_lines(record):
         out.print(line)
+    if (t := record.get("tuning")) is not None:
+        extra = t["extension_s_worst_case"]
+        out.print(f"tuning: {t['first_sweep_runs']} runs ({len(p.arms)} arms x {t['points']} "
+                  f"points x {len(t['tuning_seeds'])} seeds), selected by {t['select']}; "
+                  f"then {t['confirmation_runs']} confirmation runs at each arm's selected "
+                  "value (timed at the middle of the search)")
+        if t["extend"]:
+            out.print(f"edge extensions: up to {t['extension_runs_worst_case']} more tuning "
+                      f"runs ({t['extend']} per arm x the tuning seeds)" +
+                      (f", {seconds(extra)} in the worst case" if extra is not None else ""))
     if design is not None:
         from lmlab.report.terminal import rounds_table
 
@@ -185,9 +207,11 @@ def plan(
         from lmlab.execute.feasible import DAY_S
 
         packed = any(r.get("pack") for r in record["runs"])
+        extra = (record.get("tuning") or {}).get("extension_s_worst_case")
         out.print(f"expected wall-clock in total: {seconds(total)} (runs"
                   + (" and packs" if packed else "") + " in sequence on this machine"
-                  + ("; a packed run's figure is its share of its pack's)" if packed else ")"))
+                  + ("; a packed run's figure is its share of its pack's)" if packed else ")")
+                  + (f"; {seconds(total + extra)} if every arm is extended" if extra else ""))
         if total > DAY_S:
             console.print(f"warning: that is {total / DAY_S:,.1f} days: shrink the budget or the "
                           "model, or run on faster hardware", style="yellow", markup=False)

@@ -21,18 +21,26 @@ def status(
 ) -> None:
     """Per run: status, steps, tokens, final validation metrics, speed, memory, events."""
     from lmlab.analysis.records import load_runs, status_row
+    from lmlab.names import Role
     from lmlab.report.terminal import status_table
     from lmlab.store import Store
 
     with Store.existing(directory) as store:
-        rows = [status_row(r) for r in load_runs(store)]
-    if as_json:
+        rows = [status_row(r) for r in load_runs(store, role=None)]
+    if as_json:  # every run, each with its role
         out.print_json(json.dumps(rows))
         return
-    table, dropped = status_table(rows, out.width, title=str(directory))
-    out.print(table)
-    if dropped:
-        console.print(f"(too narrow for {', '.join(dropped)}: widen the terminal, or --json)")
+    # A nuisance sweep's tuning runs in a table of their own: they chose each arm's value, and
+    # no statistic reads them with the confirmation runs.
+    tuning = [r for r in rows if r["role"] == Role.TUNING]
+    groups = [(tuning, f"{directory}: tuning runs (nuisance sweep)")] if tuning else []
+    groups.append(([r for r in rows if r["role"] != Role.TUNING],
+                   f"{directory}: confirmation runs" if tuning else str(directory)))
+    for group, title in groups:
+        table, dropped = status_table(group, out.width, title=title)
+        out.print(table)
+        if dropped:
+            console.print(f"(too narrow for {', '.join(dropped)}: widen the terminal, or --json)")
 
 
 @app.command()

@@ -89,7 +89,8 @@ def _open_experiment(plan: Plan, out_dir: Path, force_new: bool) -> Path | None:
         record["estimate_total_s"] = sum(r["estimate_s"] for r in record["runs"]) if known else None
         store.put_result(RESULT_PLAN, record)
         for r in plan.runs:
-            store.add_run(r.run_id, r.arm, r.seed, r.config.to_json(), r.config.config_hash)
+            store.add_run(r.run_id, r.arm, r.seed, r.config.to_json(), r.config.config_hash,
+                          role=r.role, point=r.point or None)
     return moved
 
 
@@ -125,7 +126,7 @@ def run_preflight(plan: Plan, out_dir: Path, data: DataBundle | None = None) -> 
 def _run_preflight(plan: Plan, out_dir: Path, data: DataBundle | None) -> dict[str, Any]:
     pf = plan.spec.preflight
     groups: dict[str, tuple[Any, list[str]]] = {}
-    for run in plan.runs:
+    for run in plan.preflight_runs:
         cfg = preflight_config(run.config, pf.lr, pf.seq_len)
         key = preflight_key(cfg)
         if key not in groups:

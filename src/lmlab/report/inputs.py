@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from lmlab.analysis.findings import Findings, find, memory_kind
 from lmlab.analysis.summary import ArmSummary, Experiment, summarize_arms, varied_paths
 from lmlab.analysis.systems import Addendum, systems_addendum
+from lmlab.analysis.tuning import Tuning, judge_tuning
 from lmlab.analysis.verdict import HypothesisVerdict, judge_experiment
 from lmlab.config import flatten
 from lmlab.errors import UserError
@@ -40,6 +41,7 @@ class ReportInputs:
     addendum: Addendum | None  # None when not wanted, or when there is nothing to measure yet
     addendum_missing: str | None = None  # why a wanted addendum is None
     figures: Mapping[str, Figure] = field(default_factory=dict)
+    tuning: Tuning | None = None  # the nuisance sweeps, when the spec tunes any
 
     @property
     def spec(self) -> Spec | None:
@@ -87,4 +89,4 @@ def gather(exp: Experiment, *, addendum: bool | None = None,
         exp=exp, arms=arms, verdict=verdict, findings=find(exp, arms, verdict, primary),
         primary=primary, direction=RUN_METRICS[primary], memory_kind=kind,
         memory_label=memory_label(kind), addendum_wanted=wanted, addendum=computed,
-        addendum_missing=missing, figures=dict(figures or {}))
+        addendum_missing=missing, figures=dict(figures or {}), tuning=judge_tuning(exp))

@@ -29,6 +29,7 @@ from matplotlib.ticker import FuncFormatter
 
 from lmlab.analysis.curves import Curve, arm_curves, combined_norm, seed_curve
 from lmlab.analysis.summary import X_LABEL, ArmSummary, Experiment
+from lmlab.analysis.tuning import judge_tuning
 from lmlab.names import (
     DIAG_ACT_RMS,
     DIAG_ATTN_ENTROPY,
@@ -43,6 +44,7 @@ from lmlab.names import (
     Event,
     Status,
 )
+from lmlab.report.plots_tuning import sensitivity_figure
 
 DPI = 110
 # One colour per arm, stable across every figure of a report.
@@ -81,6 +83,7 @@ def make_figures(exp: Experiment, arms: Mapping[str, ArmSummary], out: Path,
         lambda: _speed_memory_figure(exp, arms, colors, out, memory_label),
         lambda: _diagnostics_figure(exp, colors, out),
         lambda: _preflight_figure(exp, out),
+        lambda: sensitivity_figure(judge_tuning(exp), colors, out, _save),
     ]
     for make in makers:
         fig = make()

@@ -8,6 +8,9 @@
    the axis cannot honour is refused with the reason.
 4. Every arm runs every seed of ``meta.seeds`` (and, run ``--until-settled``, the seeds of each
    further round), with the seed's parts (init, data order) set by ``controlled.seed_policy``.
+5. With nuisance variables (``independent.nuisance``) every arm is first a tuning sweep (each of
+   its points x the tuning seeds, controls checked for every point), and its confirmation runs
+   are planned once the driver has selected its point.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import itertools
-import math
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -24,13 +26,16 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from lmlab.config import Components, RunConfig, TrainConfig, error_fields, flatten
-from lmlab.identity import run_id
-from lmlab.names import EFFECTIVE_BATCH_PATHS, PER_SEED_PATHS
+from lmlab.config import Components, RunConfig, error_fields, flatten
+from lmlab.identity import run_id, tuning_run_id
+from lmlab.names import EFFECTIVE_BATCH_PATHS, PER_SEED_PATHS, Role
 from lmlab.spec import expr
+from lmlab.spec.budget import check_window, resolve_budget
 from lmlab.spec.footprint import check_fits, host_memory_bytes
 from lmlab.spec.load import YamlDoc, load_yaml, upgrade_spec_doc, validate
-from lmlab.spec.schema import Check, SeedPolicy, Spec
+from lmlab.spec.nuisance import Point, middle_point
+from lmlab.spec.nuisance import units as nuisance_units
+from lmlab.spec.schema import Check, Nuisance, SeedPolicy, Spec
 
 # Sections of RunConfig an arm may change. Budgets are fixed by the axis, seeds by meta.seeds.
 VARIABLE_SECTIONS = tuple(Components.model_fields)  # data, tokenizer, model, ..., train
@@ -40,13 +45,20 @@ NOT_INDEPENDENT = dict.fromkeys(PER_SEED_PATHS, "seeds are set by meta.seeds, th
 
 @dataclass(frozen=True)
 class PlannedRun:
-    """One (arm, seed) of an experiment, fully resolved."""
+    """One (arm, seed) of an experiment, fully resolved; a tuning run also has its nuisance
+    values (``point``)."""
 
     run_id: str
     arm: str
     seed: int
     config: RunConfig
     values: dict[str, Any]  # the arm's independent (and derived) values, for tables
+    role: str = Role.CONFIRMATION
+    point: dict[str, Any] = field(default_factory=dict)  # the nuisance values it ran at
+
+    @property
+    def tuning(self) -> bool:
+        return self.role == Role.TUNING
 
 
 @dataclass
@@ -57,6 +69,28 @@ class Plan:
     variables: list[str]  # declared independent paths, derived ones included
     reference: str
     runs: list[PlannedRun] = field(default_factory=list)
+    # With nuisance variables: each arm's searched points, and its selected one once tuning
+    # has chosen (the arm's confirmation runs exist only then).
+    tuning: dict[str, list[Point]] = field(default_factory=dict)
+    selected: dict[str, Point] = field(default_factory=dict)
+
+    @property
+    def nuisance(self) -> Nuisance | None:
+        return self.spec.independent.nuisance
+
+    @property
+    def confirmation_runs(self) -> list[PlannedRun]:
+        return [r for r in self.runs if not r.tuning]
+
+    @property
+    def preflight_runs(self) -> list[PlannedRun]:
+        """The runs whose configurations the Overfit Sanity check covers: every confirmation
+        run and, for a tuning sweep, each arm at the middle of its first search (the edges of
+        a learning-rate sweep are there to find where training fails: a memorisation check
+        failing at them says nothing about the pipeline)."""
+        if self.nuisance is None:
+            return self.runs
+        return [r for r in self.runs if not r.tuning or r.point == middle_point(self.nuisance)]
 
     @property
     def base(self) -> Path:
@@ -71,7 +105,8 @@ class Plan:
             return self
         spec = self.spec.model_copy(deep=True)
         spec.controlled.data = data
-        return expand(spec, self.doc, seeds=sorted({r.seed for r in self.runs}))
+        return expand(spec, self.doc, seeds=sorted({r.seed for r in self.confirmation_runs}) or
+                      None, tuning=self.tuning or None, selected=self.selected or None)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -80,6 +115,7 @@ class Plan:
             "variables": self.variables,
             "runs": [
                 {"run_id": r.run_id, "arm": r.arm, "seed": r.seed, "values": r.values,
+                 "role": str(r.role), "point": r.point,
                  "tokens": r.config.budget.tokens, "steps": r.config.budget.steps,
                  "wall_clock_s": r.config.budget.wall_clock_s,
                  "effective_batch": r.config.train.batch_size,
@@ -133,7 +169,9 @@ def seed_rounds(spec: Spec, max_seeds: int, per_round: int | None = None) -> lis
     declared = list(spec.meta.seeds)
     per_round = per_round or spec.analysis.seeds_per_round or len(declared)
     rounds, used = [declared], set(declared)
-    candidates = (s for s in itertools.count() if s not in used)
+    # A nuisance sweep's tuning seeds are never confirmation seeds.
+    taken = used | set(spec.independent.nuisance.seeds if spec.independent.nuisance else ())
+    candidates = (s for s in itertools.count() if s not in taken)
     while len(used) < max_seeds:
         new = [next(candidates) for _ in range(min(per_round, max_seeds - len(used)))]
         used.update(new)
@@ -195,9 +233,15 @@ def _check_path(doc: YamlDoc, where: str, path: str, leaves: dict[str, Any]) -> 
         raise doc.error(where, f"unknown variable '{path}'{hint}")
 
 
-def expand(spec: Spec, doc: YamlDoc, seeds: Sequence[int] | None = None) -> Plan:
+def expand(spec: Spec, doc: YamlDoc, seeds: Sequence[int] | None = None, *,
+           tuning: dict[str, list[Point]] | None = None,
+           selected: dict[str, Point] | None = None) -> Plan:
     """The plan of ``spec``: every arm x every seed of ``seeds`` (default ``meta.seeds``; an
-    until-settled experiment passes the seeds of the rounds it has started)."""
+    until-settled experiment passes the seeds of the rounds it has started).
+
+    With nuisance variables: every arm's tuning runs at each of its points (``tuning``, default
+    the search's grid) x the tuning seeds, and its confirmation runs only once ``selected``
+    names its point (the driver selects from the tuning runs' results)."""
     seeds = list(spec.meta.seeds if seeds is None else seeds)
     ind = spec.independent
     controlled = spec.controlled.model_dump(mode="json", include=set(VARIABLE_SECTIONS))
@@ -220,6 +264,24 @@ def expand(spec: Spec, doc: YamlDoc, seeds: Sequence[int] | None = None) -> Plan
                     raise expr.ExprError(f"unknown variable {name!r} in {text!r}")
         except expr.ExprError as e:
             raise doc.error(f"independent.derived.{path}", str(e)) from None
+    nuisance = ind.nuisance
+    if nuisance is not None:
+        for path in nuisance.search:
+            where = f"independent.nuisance.search.{path}"
+            _check_path(doc, where, path, leaves)
+            if path in written or path in ind.derived:
+                raise doc.error(where, f"'{path}' is tuned per arm (nuisance), so no arm sets "
+                                "it and no derived expression computes it")
+        clash = sorted(set(nuisance.seeds) & set(seeds))
+        if clash:
+            raise doc.error("independent.nuisance.seeds", f"tuning seeds {clash} are also "
+                            "confirmation seeds (meta.seeds): a value selected on a seed's run "
+                            "and confirmed on that same seed would carry its luck into the "
+                            "verdict; pick tuning seeds of their own")
+        # The nuisance paths differ between tuning runs on purpose, and so do the derived
+        # values computed from them (warmup from the learning rate).
+        declared |= set(nuisance.search) | {
+            p for p, text in ind.derived.items() if set(expr.names(text)) & set(nuisance.search)}
 
     _check_addendum_conditions(spec, doc, design, declared)
 
@@ -227,12 +289,14 @@ def expand(spec: Spec, doc: YamlDoc, seeds: Sequence[int] | None = None) -> Plan
     duplicates = {n for n in arm_names if arm_names.count(n) > 1}
     if duplicates:
         raise doc.error("independent", f"arm names must be unique: {sorted(duplicates)}")
+    units = nuisance_units(spec, design, tuning, selected)
 
     # ---- one resolved config tree per arm --------------------------------------------------------
     evaluation = spec.evaluation.model_dump(mode="json", exclude={"primary_metric"})
     arm_trees: dict[str, dict[str, Any]] = {}
     arm_values: dict[str, dict[str, Any]] = {}
-    for name, values, where in design:
+    for unit in units:
+        name, values, where, arm = unit.key, unit.values, unit.where, unit.label
         tree = copy.deepcopy(controlled)
         for path, value in values.items():
             _set_path(tree, path, value)
@@ -241,11 +305,11 @@ def expand(spec: Spec, doc: YamlDoc, seeds: Sequence[int] | None = None) -> Plan
             try:
                 value = expr.evaluate(text, current)
             except expr.ExprError as e:
-                raise doc.error(f"independent.derived.{path}", f"arm {name}: {e}") from None
+                raise doc.error(f"independent.derived.{path}", f"{arm}: {e}") from None
             if isinstance(leaves[path], int) and not isinstance(leaves[path], bool):
                 if abs(value - round(value)) > 1e-9:
                     raise doc.error(f"independent.derived.{path}",
-                                    f"arm {name}: '{path}' must be a whole number, got {value:g}")
+                                    f"{arm}: '{path}' must be a whole number, got {value:g}")
                 value = round(value)
             _set_path(tree, path, value)
             current[path] = value
@@ -258,7 +322,7 @@ def expand(spec: Spec, doc: YamlDoc, seeds: Sequence[int] | None = None) -> Plan
             raise doc.error(
                 next((f"{where}.{p}" for p in ("model.sdpa_backend", "train.precision")
                       if p in values), "controlled.model.sdpa_backend"),
-                f"arm {name}: model.sdpa_backend 'flash' has no fp32 kernel (FlashAttention "
+                f"{arm}: model.sdpa_backend 'flash' has no fp32 kernel (FlashAttention "
                 "runs fp16/bf16): use train.precision bf16 or fp16, or sdpa_backend efficient, "
                 "math or auto")
         # An error is blamed on the exact field: a derived value first (it is the one computed,
@@ -275,7 +339,7 @@ def expand(spec: Spec, doc: YamlDoc, seeds: Sequence[int] | None = None) -> Plan
             got = f" (got {arm_values[name][path]!r})" if path else ""
             # A check across fields names them itself; otherwise say which field it is.
             which = "" if (err.get("ctx") or {}).get("fields") or not fields else f"{fields[0]}: "
-            raise doc.error(field, f"arm {name}: {which}"
+            raise doc.error(field, f"{arm}: {which}"
                             f"{err['msg'].removeprefix('Value error, ')}{got}") from None
         # What cannot fit budget.max_memory_mb, or this machine when the spec is for any
         # hardware or the CPU, is refused before anything runs (a GPU spec is checked against
@@ -283,17 +347,22 @@ def expand(spec: Spec, doc: YamlDoc, seeds: Sequence[int] | None = None) -> Plan
         here = spec.controlled.hardware in ("any", "cpu", "")
         too_big = check_fits(probe, capacity=host_memory_bytes() if here else None)
         if too_big is not None:
-            raise doc.error(_blame([too_big.field], written)[0], f"arm {name}: {too_big.message}")
+            raise doc.error(_blame([too_big.field], written)[0], f"{arm}: {too_big.message}")
 
     # ---- the controls: only declared variables may differ -------------------------------------
     flat = {name: flatten(tree) for name, tree in arm_trees.items()}
     first = arm_names[0]
+    keys = [u.key for u in units]
     for path in leaves:
-        seen = {name: flat[name][path] for name in arm_names}
+        seen = {u.key: flat[u.key][path] for u in units}
         if len({repr(v) for v in seen.values()}) > 1 and path not in declared:
-            listing = ", ".join(f"{n}: {v!r}" for n, v in seen.items())
-            culprit = next(n for n in arm_names if seen[n] != seen[first]) if len(arm_names) > 1 else first
-            where = next(w for n, _, w in design if n == culprit)
+            named = {}  # one entry per arm: a tuning sweep differs in its nuisance values only
+            for u in units:
+                named.setdefault(u.arm, seen[u.key])
+            listing = ", ".join(f"{n}: {v!r}" for n, v in named.items())
+            culprit = next(k for k in keys if seen[k] != seen[keys[0]]) if len(keys) > 1 \
+                else keys[0]
+            where = next(u.where for u in units if u.key == culprit)
             raise doc.error(
                 where,
                 f"'{path}' differs between arms ({listing}) but is not declared independent: "
@@ -302,32 +371,47 @@ def expand(spec: Spec, doc: YamlDoc, seeds: Sequence[int] | None = None) -> Plan
 
     # ---- references used by checks and the reference arm ---------------------------------------
     reference = ind.reference or first
-    if reference not in arm_trees:
+    if reference not in arm_names:
         raise doc.error("independent.reference", f"unknown arm '{reference}' (arms: {arm_names})")
     for where, check in spec_checks(spec):
         for key in ("arm", "than"):
             arm = getattr(check, key)
-            if arm is not None and arm not in arm_trees:
+            if arm is not None and arm not in arm_names:
                 raise doc.error(f"{where}.{key}",
                                 f"unknown arm '{arm}' (arms: {', '.join(arm_names)})")
     _check_analysis(spec, doc)
 
     # ---- budgets by comparison axis, then arms x seeds ------------------------------------------
-    plan = Plan(spec=spec, doc=doc, arms=arm_values,
-                variables=sorted(declared | set(ind.derived)), reference=reference)
+    tuned = set(nuisance.search) if nuisance else set()
+    tuned |= {p for p in declared & set(ind.derived) if tuned & set(expr.names(ind.derived[p]))}
+    shown = {}  # arm -> its values: at its selected point, else without the tuned ones
+    for u in units:
+        if u.role == Role.CONFIRMATION:
+            shown[u.arm] = arm_values[u.key]
+        else:
+            shown.setdefault(u.arm, {p: v for p, v in arm_values[u.key].items() if p not in tuned})
+    plan = Plan(spec=spec, doc=doc, arms={n: shown[n] for n in arm_names},
+                variables=sorted(declared | set(ind.derived)), reference=reference,
+                tuning={n: [u.point for u in units if u.arm == n and u.role == Role.TUNING]
+                        for n in arm_names} if nuisance else {},
+                selected=dict(selected or {}) if nuisance else {})
     cadence = spec.cadence.model_dump(mode="json")
-    for name in arm_names:
-        budget, eval_cfg = _resolve_budget(spec, doc, name, arm_trees[name], evaluation)
-        for seed in seeds:
-            tree = copy.deepcopy(arm_trees[name])
+    for unit in units:
+        name = unit.arm
+        budget, eval_cfg = resolve_budget(spec, doc, name, arm_trees[unit.key], evaluation)
+        tuning_run = unit.role == Role.TUNING
+        for seed in (nuisance.seeds if tuning_run and nuisance else seeds):
+            tree = copy.deepcopy(arm_trees[unit.key])
             tree["train"].update(seed=seed, **seed_parts(spec.controlled.seed_policy, name, seed))
             cfg = RunConfig.model_validate({**tree, "budget": budget, "evaluation": eval_cfg,
                                             "cadence": cadence})
-            plan.runs.append(PlannedRun(run_id=run_id(name, seed), arm=name, seed=seed,
-                                        config=cfg, values=arm_values[name]))
+            rid = tuning_run_id(name, unit.point, seed) if tuning_run else run_id(name, seed)
+            plan.runs.append(PlannedRun(run_id=rid, arm=name, seed=seed, config=cfg,
+                                        values=arm_values[unit.key], role=unit.role,
+                                        point=dict(unit.point)))
     for where, check in spec_checks(spec):
         if check.curve is not None:
-            _check_window(spec, doc, plan, f"{where}.curve", check)
+            check_window(spec, doc, plan, f"{where}.curve", check)
     return plan
 
 
@@ -368,60 +452,6 @@ def check_until_settled(spec: Spec, doc: YamlDoc, max_seeds: int | None, where: 
                         "settled: the spec states no checks")
 
 
-AXIS_UNIT = {"equal_tokens": "tokens", "equal_steps": "steps", "equal_wall_clock": "seconds"}
-
-
-def _check_window(spec: Spec, doc: YamlDoc, plan: Plan, where: str, check: Check) -> None:
-    """A curve statistic's window: on the comparison axis, ordered, inside the budget, and for
-    an evaluation curve holding at least one evaluation."""
-    curve = check.curve
-    assert curve is not None
-    axis = AXIS_UNIT[spec.comparison_axis]
-    unit = curve.unit
-    if unit is None:
-        return
-    field = f"{where}.{unit}"
-    if unit != axis:
-        per_step = {r.config.train.tokens_per_step for r in plan.runs}
-        ramps = any(max(r.config.train.seq_len_warmup_steps, r.config.train.batch_ramp_steps)
-                    for r in plan.runs)
-        hint = ""
-        if {unit, axis} == {"tokens", "steps"} and len(per_step) == 1 and not ramps:
-            k = per_step.pop()
-            lo, hi = curve.window  # type: ignore[misc]
-            conv = [(b if isinstance(b, str) else f"{b * k:g}" if unit == "steps" else
-                     f"{b / k:g}") for b in (lo, hi)]
-            hint = (f": every arm takes {k:,} tokens per step, so write {axis}: "
-                    f"[{conv[0]}, {conv[1]}]")
-        raise doc.error(field, f"windows are on the comparison axis ({spec.comparison_axis}: "
-                        f"{axis}), so that every arm is measured at the same amount of training"
-                        f"{hint}")
-    total = {"tokens": spec.budget.tokens, "steps": spec.budget.steps,
-             "seconds": spec.budget.wall_clock_s}[axis]
-    lo, hi = curve.bounds(total)
-    if lo < 0 or hi < 0:
-        raise doc.error(field, f"a window cannot start or end before 0 (got [{lo:g}, {hi:g}])")
-    if lo >= hi:
-        raise doc.error(field, f"the window is empty: it must start before it ends "
-                        f"(got [{lo:g}, {hi:g}])")
-    if total is not None and hi > total * (1 + 1e-9):
-        raise doc.error(field, f"the window ends at {hi:,g} {axis}, after the budget's "
-                        f"{total:,g}")
-    if curve.metric.startswith("test_") and hi < total:  # type: ignore[operator]
-        raise doc.error(field, f"{curve.metric} is measured once, at the end of the run: the "
-                        "window must reach the end of the budget")
-    if curve.metric.startswith("val_") and total is not None:
-        e = spec.evaluation
-        every = {"tokens": e.every_tokens, "steps": e.every_steps, "seconds": e.every_seconds}[axis]
-        if every:
-            # Evaluations happen at 0, at every multiple of the cadence, and at the end; a
-            # window (lo, hi] holds the first multiple after lo.
-            first = (math.floor(lo / every + 1e-9) + 1) * every
-            if not (lo <= 0 or first <= hi or hi >= total):
-                raise doc.error(field, f"the window [{lo:,g}, {hi:,g}] holds no evaluation of "
-                                f"{curve.metric} (every {every:,g} {axis}): widen it")
-
-
 def addendum_requested(spec: Spec) -> bool:
     """Whether the Memory / Systems addendum is asked for: ``systems_addendum: true``, or a
     ``category: memory`` spec that doesn't switch it off."""
@@ -456,60 +486,3 @@ def _check_addendum_conditions(spec: Spec, doc: YamlDoc,
                         "micro-batch at a fixed batch_size (or set systems_addendum: false)")
 
 
-def _steps_for_tokens(train: TrainConfig, tokens: int) -> int | None:
-    """The whole number of steps that sees exactly ``tokens`` tokens, or None."""
-    ramp_steps = max(train.seq_len_warmup_steps, train.batch_ramp_steps)
-    ramp_tokens = train.tokens_after(ramp_steps)
-    if tokens < ramp_tokens:
-        return next((s for s in range(ramp_steps + 1) if train.tokens_after(s) == tokens), None)
-    rest = tokens - ramp_tokens
-    per_step = train.tokens_per_step
-    return ramp_steps + rest // per_step if rest % per_step == 0 else None
-
-
-# Per comparison axis: the budget field it needs, what it gives every arm, and what another
-# budget field would do to that promise.
-AXIS_BUDGET = {
-    "equal_tokens": ("tokens", "derives each arm's steps from budget.tokens",
-                     "end arms at different token counts"),
-    "equal_steps": ("steps", "gives every arm budget.steps", "end arms at different step counts"),
-    "equal_wall_clock": ("wall_clock_s", "gives every arm the same training seconds",
-                         "stop arms early"),
-}
-
-
-def _resolve_budget(spec: Spec, doc: YamlDoc, arm: str, tree: dict[str, Any],
-                    evaluation: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    b, axis = spec.budget, spec.comparison_axis
-    train = TrainConfig.model_validate(tree["train"])
-    budget: dict[str, Any] = {"max_memory_mb": b.max_memory_mb}
-    eval_cfg = dict(evaluation)
-    needed, gives, breaks = AXIS_BUDGET[axis]
-    if getattr(b, needed) is None:
-        raise doc.error(f"budget.{needed}", f"comparison_axis {axis} needs budget.{needed}")
-    for other in ("tokens", "steps", "wall_clock_s"):
-        if other != needed and getattr(b, other) is not None:
-            raise doc.error(f"budget.{other}", f"{axis} {gives}; a budget.{other} would {breaks}: "
-                            "remove it")
-    if axis == "equal_tokens":
-        steps = _steps_for_tokens(train, b.tokens)
-        if steps is None:
-            per_step = train.tokens_per_step
-            lo = b.tokens // per_step * per_step
-            raise doc.error("budget.tokens",
-                            f"arm {arm}: {b.tokens:,} tokens is not a whole number of steps of "
-                            f"{per_step:,} tokens (batch_size {train.batch_size} x seq_len "
-                            f"{train.seq_len}); try {lo:,} or {lo + per_step:,}, or a multiple "
-                            "of every arm's tokens per step")
-        budget.update(tokens=b.tokens, steps=steps)
-    elif axis == "equal_steps":
-        budget.update(steps=b.steps, tokens=train.tokens_after(b.steps))
-    else:  # equal_wall_clock
-        if evaluation["every_tokens"] or evaluation["every_steps"]:
-            raise doc.error("evaluation", "equal_wall_clock evaluates at the same wall-clock points: "
-                            "use evaluation.every_seconds, not every_tokens/every_steps")
-        budget.update(wall_clock_s=b.wall_clock_s)
-        eval_cfg["every_seconds"] = evaluation["every_seconds"] or b.wall_clock_s / 10
-    if budget.get("steps") is not None and budget["steps"] < 1:
-        raise doc.error("budget", f"arm {arm}: the budget is less than one step")
-    return budget, eval_cfg

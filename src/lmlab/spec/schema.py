@@ -5,6 +5,7 @@ the RunConfig's own (``lmlab.config``), so the spec *is* the config tree plus th
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from typing import Literal
@@ -248,9 +249,99 @@ class Controlled(Components):
     seed_policy: SeedPolicy = SeedPolicy()
 
 
+class SearchRange(_Section):
+    """A nuisance variable's search values as a range: ``points`` values from ``min`` to
+    ``max``, evenly spaced, or log-spaced (``log: true``, the usual learning-rate grid)."""
+
+    min: float
+    max: float
+    points: int = Field(ge=2)
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SearchRange:
+        if not self.min < self.max:
+            raise ValueError(f"min must be below max, got {self.min:g} and {self.max:g}")
+        if self.log and self.min <= 0:
+            raise ValueError(f"a log range needs min > 0, got {self.min:g}")
+        return self
+
+    def values(self) -> list[float]:
+        if self.log:
+            lo, hi = math.log(self.min), math.log(self.max)
+            out = [math.exp(lo + (hi - lo) * i / (self.points - 1)) for i in range(self.points)]
+        else:
+            out = [self.min + (self.max - self.min) * i / (self.points - 1)
+                   for i in range(self.points)]
+        return [float(f"{v:.6g}") for v in out]  # 1e-3, not 0.0010000000000000002
+
+
+# What selects a nuisance value: a validation metric, never a test-split one (the test split
+# is for the final comparison, and a value chosen on it would be fitted to it).
+SELECT_METRICS = tuple(m for m in RUN_METRICS if m.startswith("final_val") or m == "min_val_loss")
+
+
+class Nuisance(_Section):
+    """Variables tuned separately for every arm (the tuning playbook's *nuisance* kind): each
+    arm first runs a sweep over ``search`` (dotted paths with a list of values or a
+    :class:`SearchRange`; several paths: their grid) at the tuning ``seeds``, then its
+    confirmation runs (every seed of ``meta.seeds``) at the value that was best by ``select``.
+    ``extend``: when an arm's best value is at an edge of the range, add up to this many points
+    beyond it, one at a time (one searched path only)."""
+
+    search: dict[str, list[float | int | str | bool] | SearchRange] = Field(min_length=1)
+    select: Literal[SELECT_METRICS] = "final_val_loss"  # type: ignore[valid-type]
+    # Distinct from meta.seeds: a value selected on a seed's run, confirmed on that same seed,
+    # would carry its luck into the verdict.
+    seeds: list[int] = Field(default=[1000], min_length=1)
+    extend: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Nuisance:
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct, got {self.seeds}")
+        for path, values in self.search.items():
+            if isinstance(values, list) and len(values) < 2:
+                raise ValueError(f"{path}: a search needs at least 2 values")
+            if isinstance(values, list) and len({repr(v) for v in values}) != len(values):
+                raise ValueError(f"{path}: search values must be distinct")
+        if self.extend and len(self.search) > 1:
+            raise ValueError("extend adds points along one searched variable: search one path "
+                             "(or set extend: 0)")
+        if self.extend:
+            (values,) = self.search.values()
+            if isinstance(values, list) and not all(
+                    isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+                raise ValueError("extend needs numeric search values")
+        return self
+
+    def grid(self) -> dict[str, list[object]]:
+        """Each searched path's values, in order (a range's from min to max)."""
+        return {p: v.values() if isinstance(v, SearchRange) else list(v)
+                for p, v in self.search.items()}
+
+    def points(self) -> list[dict[str, object]]:
+        """The first search's points: the grid of every path's values, in order."""
+        grid = self.grid()
+        return [dict(zip(grid, vals, strict=True)) for vals in itertools.product(*grid.values())]
+
+    def log_scale(self, path: str) -> bool:
+        """Whether ``path``'s values are searched (and plotted, and extended) on a log scale: a
+        log range, or a list of positive numbers with a constant ratio."""
+        v = self.search[path]
+        if isinstance(v, SearchRange):
+            return v.log
+        if not all(isinstance(x, int | float) and not isinstance(x, bool) and x > 0 for x in v):
+            return False
+        s = sorted(float(x) for x in v)  # type: ignore[arg-type]
+        ratios = [b / a for a, b in itertools.pairwise(s)]
+        return min(ratios) >= 1.5 and max(ratios) / min(ratios) < 1.01
+
+
 class Independent(_Section):
     """Section 4: what changes. Exactly one of ``arms``, ``grid`` or ``zip`` (dotted RunConfig
-    paths, e.g. ``optimizer.lr``); ``derived`` computes coupled values from the others."""
+    paths, e.g. ``optimizer.lr``); ``derived`` computes coupled values from the others (a
+    nuisance value included); ``nuisance``: what is tuned per arm before the comparison."""
 
     variables: list[str] = []
     arms: dict[str, dict[str, object]] | None = None
@@ -259,6 +350,7 @@ class Independent(_Section):
     names: list[str] | None = None  # arm names for grid/zip (default: generated from the values)
     derived: dict[str, str] = {}
     reference: str | None = None  # the baseline arm (default: the first)
+    nuisance: Nuisance | None = None
 
     @model_validator(mode="after")
     def _one_design(self) -> Independent:

@@ -22,7 +22,6 @@ statement meets the damage first (:mod:`lmlab.store.connection`); ``lmlab doctor
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import sqlite3
@@ -35,7 +34,9 @@ from typing import Any, NamedTuple
 
 from lmlab.config import LEGACY_CADENCE_KEYS, upgrade_run_tree
 from lmlab.errors import UserError
-from lmlab.names import RESULT_SPEC, STATUSES, STORE_FILE, TERMINAL, Status
+from lmlab.names import RESULT_SPEC, STATUSES, STORE_FILE, TERMINAL, Role, Status
+from lmlab.store.codec import dumps as _dumps
+from lmlab.store.codec import loads as _loads
 from lmlab.store.connection import check_not_orphaned_wal, connect, damaged
 from lmlab.store.ingest import SCHEMA_V3
 
@@ -149,6 +150,12 @@ MIGRATIONS: list[Migration] = [
     Migration(1, "initial schema: runs, metrics, events, results", _V1),
     Migration(2, "run configs: eval -> evaluation (+ diagnostics), cadence", _v2),
     Migration(3, "ingestion: each run's batch marks, events keyed", _statements(*SCHEMA_V3)),
+    # A run's role (names.Role: a nuisance sweep's tuning runs beside the confirmation runs) and
+    # a tuning run's nuisance values; every run of an older store is a confirmation run.
+    Migration(4, "runs: role (tuning | confirmation) and nuisance point", _statements(
+        "ALTER TABLE runs ADD COLUMN role TEXT NOT NULL DEFAULT 'confirmation' "
+        f"CHECK (role IN ({', '.join(repr(str(r)) for r in Role)}))",
+        "ALTER TABLE runs ADD COLUMN point_json TEXT")),
 ]
 
 
@@ -184,26 +191,6 @@ class MetricRow(NamedTuple):
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
-def _json_default(obj: Any) -> Any:
-    # Analysis results are frozen dataclasses and configs may hold paths; both have an obvious
-    # JSON form, anything else is a bug in the caller and should fail loudly.
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.asdict(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"cannot store {type(obj).__name__} as JSON: {obj!r}")
-
-
-def _dumps(value: Any) -> str:
-    # allow_nan (the default) keeps NaN/inf in results (an untestable std, a diverged loss):
-    # the output is not strict JSON but json.loads reads it back exactly.
-    return json.dumps(value, default=_json_default, sort_keys=True)
-
-
-def _loads(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
 
 
 def _value_out(value: float | None) -> float:
@@ -307,19 +294,25 @@ class Store:
     # -- runs --------------------------------------------------------------------------------
 
     def add_run(self, run_id: str, arm: str, seed: int, config_json: str, config_hash: str,
-                status: str = Status.PENDING) -> bool:
-        """Register a run. An existing run is left untouched (re-planning an experiment must not
-        reset finished runs); returns whether a row was inserted."""
+                status: str = Status.PENDING, *, role: str = Role.CONFIRMATION,
+                point: Mapping[str, Any] | None = None) -> bool:
+        """Register a run (``role``, ``point``: a tuning run and its nuisance values). An
+        existing run is left untouched (re-planning an experiment must not reset finished
+        runs); returns whether a row was inserted."""
         _check_status(status)
+        Role(role)
         # Decoded by runs() and the report; reject a broken config now, not at report time.
         json.loads(config_json)
         now = _now()
         with self._write() as conn:
+            values = {"run_id": run_id, "arm": arm, "seed": int(seed), "status": status,
+                      "config_json": config_json, "config_hash": config_hash,
+                      "created_at": now, "updated_at": now}
+            if role != Role.CONFIRMATION or point is not None:  # else the columns' defaults
+                values.update(role=str(role), point_json=_dumps(dict(point or {})))
             cur = conn.execute(
-                "INSERT INTO runs (run_id, arm, seed, status, config_json, config_hash, "
-                "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT(run_id) DO NOTHING",
-                (run_id, arm, int(seed), status, config_json, config_hash, now, now))
+                f"INSERT INTO runs ({', '.join(values)}) VALUES ({', '.join('?' * len(values))}) "
+                "ON CONFLICT(run_id) DO NOTHING", tuple(values.values()))
             return cur.rowcount == 1
 
     def set_status(self, run_id: str, status: str, *, error: str | None = None,
@@ -507,7 +500,8 @@ def _check_status(status: str) -> None:
         raise ValueError(f"unknown run status {status!r}; expected one of {', '.join(STATUSES)}")
 
 
-_JSON_COLUMNS = {"config_json": "config", "provenance_json": "provenance", "summary_json": "summary"}
+_JSON_COLUMNS = {"config_json": "config", "provenance_json": "provenance",
+                 "summary_json": "summary", "point_json": "point"}
 
 
 def _run_dict(description: Sequence[Sequence[Any]], row: Sequence[Any]) -> dict[str, Any]:

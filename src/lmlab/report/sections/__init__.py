@@ -28,6 +28,7 @@ from lmlab.report.sections import (
     metrics,
     preflight,
     results,
+    tuning,
 )
 
 
@@ -35,6 +36,9 @@ def context(inputs: ReportInputs) -> dict[str, Any]:
     """Every section's content, by the names the templates use."""
     exp = inputs.exp
     controlled_ = controlled.section(inputs)
+    interpretation_ = interpretation.section(inputs)
+    if (answer := tuning.question(inputs)) is not None:  # the template's own question
+        interpretation_.questions.insert(1, answer)
     return {
         "title": exp.name,
         "generated": datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
@@ -51,7 +55,8 @@ def context(inputs: ReportInputs) -> dict[str, Any]:
         "metrics": metrics.section(inputs),
         "expected": expected.section(inputs),
         "results": results.section(inputs),
-        "interpretation": interpretation.section(inputs),
+        "interpretation": interpretation_,
+        "tuning": tuning.section(inputs),
         "decision": decision.section(inputs),
         "followups": followups.section(inputs),
         "preflight": preflight.section(inputs),

@@ -14,12 +14,13 @@ from typing import Any
 
 from lmlab.analysis.checks import CheckResult
 from lmlab.config import flatten
-from lmlab.names import PER_SEED_PATHS
+from lmlab.names import LR_PATHS, PER_SEED_PATHS
 from lmlab.report.format import Item, fmt_value, metric_pm
 from lmlab.report.inputs import ReportInputs
+from lmlab.report.sections import tuning
 
-# Variables the decision names under the template's headings; any other is listed as "other".
-LR_PATHS = ("optimizer.lr", "optimizer.muon_lr")
+# Variables the decision names under the template's headings (and names.LR_PATHS); any other is
+# listed as "other".
 BATCH_PATHS = ("train.batch_size", "train.grad_accum", "train.batch_size_start",
                "train.batch_ramp_steps")
 
@@ -41,7 +42,8 @@ def section(inputs: ReportInputs) -> Decision:
     if best is None:
         return Decision([], True, [f"No arm has a defined {primary} yet: nothing to adopt."])
     chosen = flatten(inputs.arms[best].runs[0].config)
-    items = [Item(label, _choice(inputs, paths, chosen) if paths else fallback)
+    items = [Item(label, tuning.selected_values(inputs, paths) or
+                  (_choice(inputs, paths, chosen) if paths else fallback))
              for label, paths, fallback in _headings(set(inputs.exp.variables), inputs.flat)]
     tied = [t.arm for t in f.tied]
     provisional = inputs.verdict.overall != "supported" or bool(tied)
