@@ -141,6 +141,11 @@ RESULT_PLAN = "experiment/plan"
 RESULT_PREFLIGHT = "experiment/preflight"
 # The sequential design of an experiment run --until-settled: its rounds and every look.
 RESULT_SEQUENTIAL = "experiment/sequential"
+# A researcher's notes (``lmlab note``): one key per note, "note/<UTC time>-<random>", so notes
+# written at once never replace each other. A run's samples (continuations of fixed prompts
+# from its final model): "samples/<run_id>".
+RESULT_NOTE_PREFIX = "note/"
+RESULT_SAMPLES_PREFIX = "samples/"
 
 
 # -- config paths several modules reason about ------------------------------------------------

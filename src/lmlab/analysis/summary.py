@@ -14,7 +14,7 @@ import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,8 @@ from lmlab.names import (
 )
 from lmlab.spec.schema import Spec
 from lmlab.store import Store
+from lmlab.store import notes as read_notes
+from lmlab.store import samples as read_samples
 
 # The comparison axis decides the x of every curve: equal tokens, equal optimizer steps or
 # equal training seconds (MetricRow field names).
@@ -66,6 +68,10 @@ class Experiment:
     # An until-settled experiment's design, rounds and looks (``RESULT_SEQUENTIAL``); None for
     # a fixed design.
     sequential: dict[str, Any] | None = None
+    # The researcher's notes (``lmlab note``), oldest first, and each run's samples of its final
+    # model (``lmlab.train.samples``), by run id: ``lmlab.store.notes``.
+    notes: list[dict[str, Any]] = field(default_factory=list)
+    samples: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def x_key(self) -> str:
@@ -126,6 +132,8 @@ def load_experiment(directory: Path | str, store: Store | None = None) -> Experi
         experiment_events = [e for e in store.events() if e["run_id"] is None]
         preflight = store.get_result(RESULT_PREFLIGHT)
         sequential = store.get_result(RESULT_SEQUENTIAL)
+        notes = read_notes(store)
+        samples = {r.run_id: s for r in runs if (s := read_samples(store, r.run_id))}
 
     arms: list[str] = []
     for arm in [p.get("arm") for p in (plan or {}).get("runs", [])] + [r.arm for r in runs]:
@@ -139,7 +147,7 @@ def load_experiment(directory: Path | str, store: Store | None = None) -> Experi
     axis = (plan or {}).get("axis") or (spec.comparison_axis if spec else "equal_tokens")
     name = spec.meta.name if spec else directory.resolve().name
     return Experiment(directory, name, spec, spec_record, plan, preflight, runs, arms,
-                      reference, axis, experiment_events, sequential)
+                      reference, axis, experiment_events, sequential, notes, samples)
 
 
 # -- aggregation over seeds ----------------------------------------------------------------------

@@ -22,6 +22,7 @@ from lmlab.cli import (
     fmt_cell,
     out,
     plan_of,
+    show_baseline,
     use_data_dir,
     warn,
 )
@@ -107,6 +108,7 @@ def validate(spec: Annotated[Path, typer.Argument(help="an experiment spec YAML"
     out.print(f"{spec}: valid — {len(plan.arms)} arms × {len(plan.spec.meta.seeds)} seeds = "
               f"{len(plan.runs)} runs, axis {plan.spec.comparison_axis}, "
               f"independent: {', '.join(plan.variables)}")
+    show_baseline(plan)
     warn(plan)
     if todo := _placeholders(spec):
         console.print(f"[yellow]note:[/] unfilled placeholders: {', '.join(todo)}")
@@ -150,8 +152,11 @@ def plan(
         record["rounds"] = plan_rounds(p, design, estimates)
         record["sequential"] = design.to_json()
     if as_json:
+        if p.doc.extends is not None:
+            record["baseline"] = p.doc.extends.to_json()
         out.print_json(json.dumps(record))
         return
+    show_baseline(p)
     from lmlab.report.format import seconds
     from lmlab.report.terminal import pack_lines, plan_table
 

@@ -26,6 +26,7 @@ from lmlab.report.sections import (
     interpretation,
     meta,
     metrics,
+    notes,
     preflight,
     results,
 )
@@ -53,6 +54,7 @@ def context(inputs: ReportInputs) -> dict[str, Any]:
         "results": results.section(inputs),
         "interpretation": interpretation.section(inputs),
         "decision": decision.section(inputs),
+        "notes": notes.section(inputs),
         "followups": followups.section(inputs),
         "preflight": preflight.section(inputs),
         "addendum": addendum.section(inputs),
