@@ -29,6 +29,7 @@ from lmlab.report.sections import (
     notes,
     preflight,
     results,
+    samples,
 )
 
 
@@ -52,6 +53,7 @@ def context(inputs: ReportInputs) -> dict[str, Any]:
         "metrics": metrics.section(inputs),
         "expected": expected.section(inputs),
         "results": results.section(inputs),
+        "samples": samples.section(inputs),
         "interpretation": interpretation.section(inputs),
         "decision": decision.section(inputs),
         "notes": notes.section(inputs),
