@@ -204,3 +204,58 @@ def test_adopt_extends_and_the_notebook_link_real_experiments(tmp_path: Path,
     assert "Does a higher lr lower the loss?" in rows[0]
     assert (lab / "notebook.html").read_text().count("<tr>") == 3
     assert yaml.safe_load(done.path.read_text())["origin"]["experiment"] == "first"
+
+
+# -- figures besides mean and band; compare's overlay --------------------------------------------
+
+def test_per_seed_and_lr_figures_draw_every_run_as_logged(tmp_path: Path, monkeypatch) -> None:
+    import lmlab.report.seedplots as seedplots
+    from lmlab.analysis.summary import load_experiment
+    from lmlab.names import LR, TRAIN_LOSS
+    from lmlab.report.plots import arm_colors
+
+    exp_dir = build_experiment(tmp_path / "x", CLEAR_WIN, checks=[WIN_CHECK])
+    drawn = {}
+    real_save = seedplots._save
+
+    def keep(fig, out, key, title, caption):
+        drawn[key] = fig
+        return real_save(fig, out, key, title, caption)
+
+    monkeypatch.setattr(seedplots, "_save", keep)
+    exp = load_experiment(exp_dir)
+    colors = arm_colors(exp.arms)
+    (tmp_path / "f").mkdir()
+    seedplots.per_seed_figure(exp, colors, tmp_path / "f")
+    seedplots.lr_figure(exp, colors, tmp_path / "f")
+    train_ax = drawn["loss_per_seed"].axes[0]
+    assert len(train_ax.lines) == len(exp.runs) == 6  # one line per run, no mean
+    run = exp.runs[4]
+    line = train_ax.lines[4]
+    assert list(line.get_ydata()) == [r.value for r in run.curves[TRAIN_LOSS]]
+    assert line.get_color() == colors[run.arm]
+    assert line.get_linestyle() == train_ax.lines[1].get_linestyle()  # seed 1 alike in arms
+    lr_ax = drawn["lr_schedule"].axes[0]
+    assert [list(ln.get_ydata()) for ln in lr_ax.lines] == \
+        [[r.value for r in run.curves[LR]] for run in exp.runs]
+
+    write_report(exp_dir)
+    md = (exp_dir / "report.md").read_text()
+    assert "report_files/loss_per_seed.png" in md and "report_files/lr_schedule.png" in md
+    assert "Learning-rate schedule applied" in md
+
+
+def test_compare_writes_an_overlay_and_markdown(tmp_path: Path) -> None:
+    a = build_experiment(tmp_path / "a", CLEAR_WIN, name="first")
+    b = build_experiment(tmp_path / "b", CLEAR_WIN, name="second")
+    code, text = lmlab("compare", a, b, "--out", tmp_path / "cmp")
+    assert code == 0, text
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert md.startswith("## first vs second")
+    assert "![Train and validation loss of both experiments](overlay.png)" in md
+    assert "solid: first, dashed: second" in md
+    png = (tmp_path / "cmp" / "overlay.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    # Without --out: beside the first experiment.
+    code, _ = lmlab("compare", a, b)
+    assert (tmp_path / "compare-a-vs-b" / "compare.md").is_file()
