@@ -19,7 +19,7 @@ from lmlab.notebook.adopt import adopt
 from lmlab.report import write_report
 from lmlab.spec.baseline import load_baseline
 from lmlab.spec.expand import load_plan
-from lmlab.store import Store, add_note
+from lmlab.store import Store, add_note, samples
 from test_report import CLEAR_WIN, WIN_CHECK, build_experiment
 from test_spec import base_spec, write
 
@@ -159,9 +159,10 @@ def test_adopt_extends_and_the_notebook_link_real_experiments(tmp_path: Path,
     second = _tiny(articles_data, "second")
     second["meta"]["seeds"] = [0]
     second["controlled"] = {"extends": str(done.path), "model": {"dropout": 0.0}}
-    second["independent"] = {"variables": ["train.batch_size"],
-                             "arms": {"b8": {"train.batch_size": 8},
-                                      "b4": {"train.batch_size": 4}}}
+    # Arms that differ only in a number: one pack, one worker process.
+    second["independent"] = {"variables": ["optimizer.weight_decay"],
+                             "arms": {"wd0": {"optimizer.weight_decay": 0.0},
+                                      "wd1": {"optimizer.weight_decay": 0.1}}}
     second["hypothesis"]["checks"] = []
     spec2 = write(tmp_path, second, "second.yaml")
     plan = load_plan(spec2)
@@ -169,7 +170,9 @@ def test_adopt_extends_and_the_notebook_link_real_experiments(tmp_path: Path,
     run_experiment(plan, lab / "second")
     with Store.existing(lab / "second") as store:
         record = store.get_result(RESULT_SPEC)
-        add_note(store, "b4 looked noisier <script>")
+        add_note(store, "wd1 looked noisier <script>")
+        # Packed runs get their samples too (the worker's hook after train_pack returns).
+        assert all(samples(store, r.run_id)["samples"] for r in plan.runs)
     assert record["baseline"]["digest"] == done.digest
     assert record["baseline"]["path"] == str(done.path)
     assert record["spec"]["controlled"]["optimizer"]["lr"] == lr  # the resolved tree
@@ -178,10 +181,11 @@ def test_adopt_extends_and_the_notebook_link_real_experiments(tmp_path: Path,
     assert f"extends {done.path} (digest {done.digest})" in md
     assert f"adopted from experiment first ({(lab / 'first').resolve()}), arm {arm}" in md
     assert "PROVISIONAL" in md or done.baseline.origin.verdict == "supported"
-    assert re.search(r"### Notes\n\n- \*\*\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC:\*\* b4 looked "
+    assert "### Samples" in md and "**wd0** (seed 0)" in md
+    assert re.search(r"### Notes\n\n- \*\*\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC:\*\* wd1 looked "
                      r"noisier", md)
     html = (lab / "second" / "report.html").read_text()
-    assert "b4 looked noisier &lt;script&gt;" in html
+    assert "wd1 looked noisier &lt;script&gt;" in html
 
     # The baseline file changes afterwards: the second report still names what it read.
     done.path.write_text(done.path.read_text().replace("lmlab baseline", "edited baseline"))
