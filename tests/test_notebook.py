@@ -206,6 +206,7 @@ def test_adopt_extends_and_the_notebook_link_real_experiments(tmp_path: Path,
     assert rows[0].rstrip().endswith("| second |")  # extended by
     assert f"first (arm {arm}" in rows[1] and done.digest in rows[1]  # extends
     assert "Does a higher lr lower the loss?" in rows[0]
+    assert f"adopted: arm {arm} as {done.path}" in rows[0]
     assert (lab / "notebook.html").read_text().count("<tr>") == 3
     assert yaml.safe_load(done.path.read_text())["origin"]["experiment"] == "first"
 

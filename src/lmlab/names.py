@@ -146,6 +146,9 @@ RESULT_SEQUENTIAL = "experiment/sequential"
 # from its final model): "samples/<run_id>".
 RESULT_NOTE_PREFIX = "note/"
 RESULT_SAMPLES_PREFIX = "samples/"
+# Each baseline file adopted from the experiment (``lmlab adopt``), by its digest: where it was
+# written, the arm, whether provisional. The notebook names it beside the decision.
+RESULT_ADOPTED_PREFIX = "adopted/"
 
 
 # -- config paths several modules reason about ------------------------------------------------

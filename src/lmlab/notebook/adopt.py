@@ -20,10 +20,11 @@ import yaml
 from lmlab import __version__
 from lmlab.analysis.summary import Experiment, load_experiment
 from lmlab.errors import UserError
-from lmlab.names import PER_SEED_PATHS
+from lmlab.names import PER_SEED_PATHS, RESULT_ADOPTED_PREFIX
 from lmlab.report.inputs import ReportInputs, gather
 from lmlab.report.sections import decision, followups
 from lmlab.spec.baseline import FORMAT, PATH_FIELDS, BaselineFile, Origin, digest_of
+from lmlab.store import Store
 
 DEFAULT_FILE = "baseline.yaml"  # in the experiment's directory
 
@@ -91,7 +92,9 @@ def adopt(directory: Path | str, *, arm: str | None = None, provisional: bool = 
                             adopted=values, controlled=tree)
     if path.exists() and not force:
         if _same_decision(path, baseline):  # adopted again: the file (and its digest) stays
-            return Adopted(path, BaselineFile.model_validate(_read(path)), digest_of(path))
+            done = Adopted(path, BaselineFile.model_validate(_read(path)), digest_of(path))
+            _record(directory, done)
+            return done
         raise UserError("exists already, with another decision: a spec that extends it would "
                         "change (write another --out, or --force to replace it)", file=str(path))
     text = _text(baseline)
@@ -99,7 +102,19 @@ def adopt(directory: Path | str, *, arm: str | None = None, provisional: bool = 
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)  # never a half-written baseline
-    return Adopted(path, baseline, digest_of(path))
+    done = Adopted(path, baseline, digest_of(path))
+    _record(directory, done)
+    return done
+
+
+def _record(directory: Path, done: Adopted) -> None:
+    """The experiment remembers the baselines adopted from it (the notebook names them, even
+    when no later experiment under the same directory has extended them yet)."""
+    with Store.existing(directory) as store:
+        store.put_result(f"{RESULT_ADOPTED_PREFIX}{done.digest}", {
+            "path": str(done.path.resolve()), "digest": done.digest,
+            "arm": done.baseline.origin.arm, "provisional": done.baseline.provisional,
+            "at": done.baseline.origin.adopted_at})
 
 
 def _absolute(tree: dict[str, Any], base: Path) -> None:

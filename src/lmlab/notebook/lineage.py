@@ -11,6 +11,7 @@ edited, moved or deleted.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import jinja2
 
 from lmlab.analysis.summary import load_experiment
 from lmlab.errors import UserError
-from lmlab.names import STORE_FILE
+from lmlab.names import RESULT_ADOPTED_PREFIX, STORE_FILE
 from lmlab.report.format import Table
 from lmlab.report.inputs import gather
 from lmlab.report.markdown import md_cell, md_inline
@@ -63,6 +64,7 @@ def experiment_dirs(root: Path) -> list[Path]:
 def _entry(directory: Path) -> Entry:
     with Store(directory / STORE_FILE, read_only=True) as store:
         exp = load_experiment(directory, store=store)
+        adopted = [store.get_result(k) for k in store.result_keys(RESULT_ADOPTED_PREFIX)]
     inputs = gather(exp)
     spec = exp.spec
     started = sorted(str(r.provenance["captured_at"]) for r in exp.runs
@@ -77,7 +79,10 @@ def _entry(directory: Path) -> Entry:
         name=exp.name, directory=directory.resolve(), started=started[0] if started else "",
         question=spec.objective.strip() if spec else "(no spec stored)",
         verdict=inputs.verdict.overall if spec else "n/a",
-        decision="; ".join([f"adopt {choice}", *chosen]),
+        decision="; ".join([f"adopt {choice}", *chosen, *(
+            f"adopted: arm {a['arm']} as {a['path']}" + (" (provisional)" if a["provisional"]
+                                                         else "")
+            for a in adopted if isinstance(a, dict))]),
         phase1=" ".join(followups.section(inputs)[2].answers),
         report=report if report.is_file() else None,
         baseline=(exp.spec_record or {}).get("baseline"), adopt=choice,
@@ -94,6 +99,10 @@ def entries(root: Path | str) -> list[Entry]:
         raise UserError(f"no experiments under it (no {STORE_FILE} within {MAX_DEPTH} levels)",
                         file=str(root))
     found.sort(key=lambda e: (e.started == "", e.started, e.name))
+    names = Counter(e.name for e in found)
+    for e in found:  # two runs of one spec: the directory tells them apart
+        if names[e.name] > 1:
+            e.name = f"{e.name} ({os.path.relpath(e.directory, root.resolve())})"
     by_dir = {e.directory: e for e in found}
     for e in found:
         if not e.baseline:
