@@ -75,6 +75,11 @@ def test_an_inconclusive_verdict_needs_provisional(tmp_path: Path) -> None:
     assert "PROVISIONAL" in text
     baseline, _ = load_baseline(tmp_path / "b.yaml")
     assert baseline.provisional and baseline.origin.verdict == "inconclusive"
+    # A spec built on it is valid, and told so at its extends line.
+    code, text = lmlab("validate", _extending(tmp_path, tmp_path / "b.yaml", {}))
+    assert code == 0, text
+    assert re.search(r"warning: \S+next\.yaml:\d+ controlled\.extends: the baseline is "
+                     r"provisional \(verdict inconclusive in lr-sweep\)", text)
 
 
 # -- extends: the resolved tree, and errors where the value was written ---------------------------

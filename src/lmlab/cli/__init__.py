@@ -139,9 +139,16 @@ def show_baseline(p) -> None:
     """The baseline plan ``p``'s spec extends, what it inherited and what it overrode."""
     from lmlab.spec.baseline import summary_lines
 
-    if p.doc.extends is not None:
-        for line in summary_lines(p.doc.extends):
-            out.print(line, markup=False, highlight=False, soft_wrap=True)
+    if p.doc.extends is None:
+        return
+    for line in summary_lines(p.doc.extends):
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
+    if p.doc.extends.baseline.provisional:
+        o = p.doc.extends.baseline.origin
+        console.print(f"warning: {p.doc.error('controlled.extends', 'the baseline is provisional')}"
+                      f" (verdict {o.verdict} in {o.experiment}): this experiment builds on a "
+                      "decision that was not settled", style="yellow", markup=False,
+                      highlight=False, soft_wrap=True)
 
 
 def fallback_data(data, base: Path, corpus: Path):
