@@ -23,7 +23,7 @@ from lmlab.errors import UserError
 from lmlab.names import PER_SEED_PATHS, RESULT_ADOPTED_PREFIX
 from lmlab.report.inputs import ReportInputs, gather
 from lmlab.report.sections import decision, followups
-from lmlab.spec.baseline import FORMAT, PATH_FIELDS, BaselineFile, Origin, digest_of
+from lmlab.spec.baseline import FORMAT, BaselineFile, Origin, absolute_paths, digest_of
 from lmlab.store import Store
 
 DEFAULT_FILE = "baseline.yaml"  # in the experiment's directory
@@ -84,8 +84,9 @@ def adopt(directory: Path | str, *, arm: str | None = None, provisional: bool = 
     tree = exp.spec.controlled.model_dump(mode="json")
     for path, value in values.items():
         _set(tree, path, value)
-    base = Path(str((exp.spec_record or {}).get("path") or "")).parent
-    _absolute(tree, base)
+    # The stored spec's relative data / tokenizer / init paths were relative to its folder:
+    # written absolute, so the baseline means the same files wherever it is read.
+    tree = absolute_paths(tree, Path(str((exp.spec_record or {}).get("path") or "")).parent)
     path = out or directory / DEFAULT_FILE
     baseline = BaselineFile(lmlab_baseline=FORMAT, provisional=why is not None,
                             origin=_origin(inputs, directory, chosen, arm is not None),
@@ -115,17 +116,6 @@ def _record(directory: Path, done: Adopted) -> None:
             "path": str(done.path.resolve()), "digest": done.digest,
             "arm": done.baseline.origin.arm, "provisional": done.baseline.provisional,
             "at": done.baseline.origin.adopted_at})
-
-
-def _absolute(tree: dict[str, Any], base: Path) -> None:
-    """Relative data / tokenizer / init paths of the stored spec were relative to its folder:
-    written absolute, so the baseline means the same files wherever it is read."""
-    for dotted in PATH_FIELDS:
-        section, key = dotted.split(".")
-        node = tree.get(section) or {}
-        value = node.get(key)
-        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
-            node[key] = str((base / value).resolve())
 
 
 def _origin(inputs: ReportInputs, directory: Path, arm: str, by_option: bool) -> Origin:

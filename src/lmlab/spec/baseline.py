@@ -139,7 +139,7 @@ def extend(doc: YamlDoc) -> YamlDoc:
     with _named(doc, field):
         baseline, base_doc = load_baseline(path)
     overrides = {k: v for k, v in controlled.items() if k != EXTENDS}
-    base_tree = _absolute_paths(baseline.controlled, path.parent)
+    base_tree = absolute_paths(baseline.controlled, path.parent)
     doc.data["controlled"] = deep_merge(base_tree, overrides)
     base_flat, over_flat = flatten(base_tree), flatten(overrides)
     # Every key the spec writes overrides the baseline's, the same value or not: a value
@@ -152,7 +152,8 @@ def extend(doc: YamlDoc) -> YamlDoc:
     return doc
 
 
-def _absolute_paths(tree: dict[str, Any], folder: Path) -> dict[str, Any]:
+def absolute_paths(tree: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """``tree`` (a controlled tree) with its relative ``PATH_FIELDS`` taken from ``folder``."""
     out = copy.deepcopy(tree)
     for dotted in PATH_FIELDS:
         section, key = dotted.split(".")
