@@ -24,12 +24,16 @@ ALLOWED: dict[str, set[str]] = {
     "report": {"spec", "store", "analysis"},
     "export": {"store", "analysis"},
     "serve": {"store", "analysis", "report"},
+    # The lab notebook reads experiments as their reports judge them (decision, verdict,
+    # Phase-1) and writes baselines in the spec's own format (spec.baseline), so a decision
+    # adopted is read back by the same code that validates a spec extending it.
+    "notebook": {"spec", "store", "analysis", "report"},
     # Runs an experiment's rounds (and later tuning phases) through execute, judging with
     # analysis between them: the one box that may join the two, since execute must never read
     # analysis. Only the command line drives it.
     "driver": {"spec", "store", "execute", "analysis"},
     "cli": {"spec", "data", "model", "optim", "store", "train", "execute", "analysis", "report",
-            "export", "serve", "driver"},
+            "export", "serve", "driver", "notebook"},
 }
 
 

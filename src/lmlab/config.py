@@ -301,6 +301,23 @@ class DiagnosticsConfig(_Config):
                 or self.attention_entropy or self.update_ratio)
 
 
+# Fixed prompts the final model of every run continues (WikiText-2's own register: encyclopedic
+# openings), the same in every run, so arms are compared on the same text.
+DEFAULT_PROMPTS = ("The history of the city", "In 1998 , the band", "The species is found in")
+
+
+class SamplesConfig(_Config):
+    """Continuations of fixed prompts from a run's final model, generated after the run
+    completes (never in the training loop) with a fixed decoding seed, and stored with it.
+    ``prompts: []`` turns them off. ``temperature: 0`` decodes greedily."""
+
+    prompts: list[str] = list(DEFAULT_PROMPTS)
+    max_new_tokens: int = Field(48, ge=1, le=1024)
+    temperature: float = Field(0.8, ge=0.0)
+    top_k: int | None = Field(50, ge=1, description="None: the whole vocabulary")
+    seed: int = 0
+
+
 class EvaluationConfig(_Config):
     """How a run is evaluated (template section 5's evaluation protocol) and what it logs besides
     the core metrics (section 6's diagnostics)."""
@@ -315,6 +332,7 @@ class EvaluationConfig(_Config):
     batch_size: int = Field(16, ge=1)
     test_at_end: bool = True
     diagnostics: DiagnosticsConfig = DiagnosticsConfig()
+    samples: SamplesConfig = SamplesConfig()
 
 
 class CadenceConfig(_Config):

@@ -55,8 +55,9 @@ IGNORED: dict[str, tuple[str, ...]] = {
     "preflight": ("budget", *WATCHING),
     # The evaluation split size and batch, and the diagnostics, do cost time; their cadences are
     # counted by the estimate itself.
+    # Samples are generated after a run ends, outside its timed training.
     "cost": (*NUMERIC_ONLY, "budget", "evaluation.every_tokens", "evaluation.every_steps",
-             "evaluation.every_seconds"),
+             "evaluation.every_seconds", "evaluation.samples"),
     "shape": (*NUMERIC_ONLY, *PER_MEMBER, "budget", *WATCHING),
 }
 
@@ -134,8 +135,10 @@ def v1_config_hash(cfg: RunConfig) -> str | None:
     tree = cfg.model_dump(mode="json")
     evaluation = dict(tree.pop("evaluation"))
     tree["diagnostics"] = evaluation.pop("diagnostics")
+    evaluation.pop("samples")  # generated after the run ends: they change nothing 0.1 trained
     tree["eval"] = {**evaluation, **tree.pop("cadence")}
     defaults = RunConfig().model_dump(mode="json")
+    defaults["evaluation"].pop("samples")
     defaults["eval"] = {**defaults["evaluation"], **defaults["cadence"]}
     defaults["diagnostics"] = defaults["eval"].pop("diagnostics")
     old: dict[str, Any] = {}

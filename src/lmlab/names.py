@@ -159,6 +159,14 @@ RESULT_JOBS = "execute/jobs"
 # The tuning phase of an experiment with nuisance variables: every arm's searched points (the
 # extensions included, each recorded before it runs) and, once tuning is done, each selection.
 RESULT_TUNING = "experiment/tuning"
+# A researcher's notes (``lmlab note``): one key per note, "note/<UTC time>-<random>", so notes
+# written at once never replace each other. A run's samples (continuations of fixed prompts
+# from its final model): "samples/<run_id>".
+RESULT_NOTE_PREFIX = "note/"
+RESULT_SAMPLES_PREFIX = "samples/"
+# Each baseline file adopted from the experiment (``lmlab adopt``), by its digest: where it was
+# written, the arm, whether provisional. The notebook names it beside the decision.
+RESULT_ADOPTED_PREFIX = "adopted/"
 
 
 # -- config paths several modules reason about ------------------------------------------------

@@ -39,6 +39,8 @@ from lmlab.names import (
 )
 from lmlab.spec.schema import Spec
 from lmlab.store import Store
+from lmlab.store import notes as read_notes
+from lmlab.store import samples as read_samples
 
 # The comparison axis decides the x of every curve: equal tokens, equal optimizer steps or
 # equal training seconds (MetricRow field names).
@@ -72,6 +74,10 @@ class Experiment:
     # statistic reads), and the tuning record (``RESULT_TUNING``: points, extensions, selection).
     tuning: list[RunRecord] = field(default_factory=list)
     tuning_record: dict[str, Any] | None = None
+    # The researcher's notes (``lmlab note``), oldest first, and each run's samples of its final
+    # model (``lmlab.train.samples``), by run id: ``lmlab.store.notes``.
+    notes: list[dict[str, Any]] = field(default_factory=list)
+    samples: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def x_key(self) -> str:
@@ -141,6 +147,8 @@ def load_experiment(directory: Path | str, store: Store | None = None) -> Experi
         sequential = store.get_result(RESULT_SEQUENTIAL)
         tuning = load_runs(store, Role.TUNING)
         tuning_record = store.get_result(RESULT_TUNING)
+        notes = read_notes(store)
+        samples = {r.run_id: s for r in runs if (s := read_samples(store, r.run_id))}
 
     arms: list[str] = []
     for arm in [p.get("arm") for p in (plan or {}).get("runs", [])] + \
@@ -155,7 +163,8 @@ def load_experiment(directory: Path | str, store: Store | None = None) -> Experi
     axis = (plan or {}).get("axis") or (spec.comparison_axis if spec else "equal_tokens")
     name = spec.meta.name if spec else directory.resolve().name
     return Experiment(directory, name, spec, spec_record, plan, preflight, runs, arms,
-                      reference, axis, experiment_events, sequential, tuning, tuning_record)
+                      reference, axis, experiment_events, sequential, tuning, tuning_record,
+                      notes, samples)
 
 
 # -- aggregation over seeds ----------------------------------------------------------------------

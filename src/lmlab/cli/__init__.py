@@ -3,8 +3,8 @@
 Every error a user can cause ends as one line ``file:line field: message`` on stderr and exit
 code 2; bugs keep their traceback. This module holds the app and what every command shares (the
 data options, the plan a spec loads to, warnings); the commands are in ``experiment.py`` (train,
-new, validate, plan, preflight, run) and ``results.py`` (status, report, compare, systems, export,
-doctor, serve).
+new, validate, plan, preflight, run), ``results.py`` (status, report, compare, systems, export,
+doctor, serve) and ``notebook.py`` (adopt, note, notebook).
 """
 
 from __future__ import annotations
@@ -135,6 +135,22 @@ def warn(p, *, bound: bool = True) -> None:
                       markup=False, highlight=False)
 
 
+def show_baseline(p) -> None:
+    """The baseline plan ``p``'s spec extends, what it inherited and what it overrode."""
+    from lmlab.spec.baseline import summary_lines
+
+    if p.doc.extends is None:
+        return
+    for line in summary_lines(p.doc.extends):
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
+    if p.doc.extends.baseline.provisional:
+        o = p.doc.extends.baseline.origin
+        console.print(f"warning: {p.doc.error('controlled.extends', 'the baseline is provisional')}"
+                      f" (verdict {o.verdict} in {o.experiment}): this experiment builds on a "
+                      "decision that was not settled", style="yellow", markup=False,
+                      highlight=False, soft_wrap=True)
+
+
 def fallback_data(data, base: Path, corpus: Path):
     """``data``, or the fallback corpus's config when ``data``'s WikiText-2 is not here (said
     on stderr: every record and the report name the corpus used)."""
@@ -149,7 +165,7 @@ def fallback_data(data, base: Path, corpus: Path):
 
 
 # The commands register themselves on ``app`` when imported.
-from lmlab.cli import experiment, results  # noqa: E402, F401
+from lmlab.cli import experiment, notebook, results  # noqa: E402, F401
 
 
 def main() -> None:

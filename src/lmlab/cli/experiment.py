@@ -22,6 +22,7 @@ from lmlab.cli import (
     fmt_cell,
     out,
     plan_of,
+    show_baseline,
     use_data_dir,
     warn,
 )
@@ -124,6 +125,7 @@ def validate(spec: Annotated[Path, typer.Argument(help="an experiment spec YAML"
             if plan.nuisance else f"{len(plan.arms)} arms × {n} seeds = {len(plan.runs)} runs")
     out.print(f"{spec}: valid — {runs}, axis {plan.spec.comparison_axis}, "
               f"independent: {', '.join(plan.variables)}")
+    show_baseline(plan)
     warn(plan)
     if todo := _placeholders(spec):
         console.print(f"[yellow]note:[/] unfilled placeholders: {', '.join(todo)}")
@@ -175,8 +177,11 @@ def plan(
     if p.nuisance is not None:
         record["tuning"] = plan_tuning(p, None if no_estimate else estimates)
     if as_json:
+        if p.doc.extends is not None:
+            record["baseline"] = p.doc.extends.to_json()
         out.print_json(json.dumps(record))
         return
+    show_baseline(p)
     from lmlab.report.format import seconds
     from lmlab.report.terminal import pack_lines, plan_table
 

@@ -58,8 +58,11 @@ def compare(
     dir_a: Annotated[Path, typer.Argument(help="an experiment directory")],
     dir_b: Annotated[Path, typer.Argument(help="another experiment directory")],
     markdown: Annotated[bool, typer.Option("--markdown", help="print Markdown instead")] = False,
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out", help="where to write compare.md and overlay.png (default: "
+        "compare-A-vs-B beside DIR_A)")] = None,
 ) -> None:
-    """Two experiments' per-arm summaries side by side."""
+    """Two experiments side by side: per-arm summaries, and their curves overlaid."""
     from lmlab.report import compare as do_compare
 
     result = do_compare(dir_a, dir_b)
@@ -67,6 +70,12 @@ def compare(
         out.print(result.markdown(), markup=False, highlight=False)
     else:
         out.print(result.table())
+    where = out_dir or dir_a.resolve().parent / f"compare-{dir_a.resolve().name}-vs-" \
+        f"{dir_b.resolve().name}"
+    md, png = result.write(where)
+    for path in (md, png):
+        if path is not None:
+            console.print(f"wrote {path}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -74,7 +74,10 @@ def _open_experiment(plan: Plan, out_dir: Path, force_new: bool) -> Path | None:
         store.put_result(RESULT_SPEC, {
             "path": str(plan.doc.path), "text": text,
             "hash": hashlib.sha256(text.encode()).hexdigest()[:16],
-            "spec": plan.spec.model_dump(mode="json"),
+            "spec": plan.spec.model_dump(mode="json"),  # resolved: a baseline's tree included
+            # The baseline the spec extends, as it was read (path, digest, origin): later
+            # reports name it even after the file changes or is gone.
+            "baseline": plan.doc.extends.to_json() if plan.doc.extends else None,
         })
         previous = store.get_result(RESULT_PLAN) or {}
         record = plan.to_json()

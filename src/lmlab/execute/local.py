@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -45,6 +46,7 @@ from lmlab.names import (
 from lmlab.spec.expand import PlannedRun
 from lmlab.store import Store
 from lmlab.train.loop import LogLine, RunResult, train
+from lmlab.train.samples import sample_run
 
 console = Console(stderr=True)
 TICKS = 1000  # progress bars count thousandths of a run's budget
@@ -107,14 +109,21 @@ def run_single(cfg: RunConfig, out_dir: Path, run_id: str, *, base: Path | None 
             progress.update(task, completed=int(line.progress * TICKS), info=info)
 
         try:
-            return train(cfg, run_id, store, out_dir / RUNS_DIR / run_id, base=base,
-                         on_log=on_log, should_stop=stop.is_set)
+            result = train(cfg, run_id, store, out_dir / RUNS_DIR / run_id, base=base,
+                           on_log=on_log, should_stop=stop.is_set)
         except KeyboardInterrupt:
             store.set_status(run_id, Status.INTERRUPTED)
             raise
         except Exception as e:
             store.set_status(run_id, Status.FAILED, error=f"{type(e).__name__}: {e}")
             raise
+        if result.status == Status.COMPLETED and not stop.is_set():  # after training, never in it
+            try:
+                sample_run(cfg, run_id, store, out_dir / RUNS_DIR / run_id, base=base)
+            except Exception as e:
+                print(f"warning: run {run_id}: no samples ({type(e).__name__}: {e})",
+                      file=sys.stderr)
+        return result
 
 
 def _run_ranks(cfg: RunConfig, out_dir: Path, run_id: str, base: Path | None,

@@ -47,6 +47,7 @@ from lmlab.train.distributed import NullSink
 from lmlab.train.loop import train
 from lmlab.train.memory import KEEP_FREED_ENV
 from lmlab.train.pack import Member, train_pack
+from lmlab.train.samples import sample_run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,10 +154,26 @@ def _run(args: argparse.Namespace, stop: threading.Event) -> int:
                 return 1
             finally:
                 distributed.shutdown()
+            if rank is None or rank.records:  # rank 0 alone: one process decodes
+                _samples(store, [(run_id, cfg, result.status)], args, stop)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 130 if result.status == Status.INTERRUPTED else 0
+
+
+def _samples(store: Store, runs: list[tuple[str, RunConfig, str]], args: argparse.Namespace,
+             stop: threading.Event) -> None:
+    """Each completed run's text samples, after training has returned (never inside it). A run
+    is complete without them: a failure here is said in the worker's log, not in its status."""
+    for run_id, cfg, status in runs:
+        if status != Status.COMPLETED or stop.is_set():
+            continue
+        try:
+            sample_run(cfg, run_id, store, args.out_dir / RUNS_DIR / run_id, base=args.base)
+        except Exception as e:
+            print(f"warning: run {run_id}: no samples ({type(e).__name__}: {e})",
+                  file=sys.stderr)
 
 
 def _run_pack(args: argparse.Namespace, stop: threading.Event) -> int:
@@ -183,6 +200,9 @@ def _run_pack(args: argparse.Namespace, stop: threading.Event) -> int:
                 _mark_unended(store, args.run_ids, Status.FAILED, f"{type(e).__name__}: {e}")
                 traceback.print_exc()
                 return 1
+            _samples(store, [(m.run_id, m.cfg, r.status) for m, r in zip(members, results,
+                                                                          strict=True)],
+                     args, stop)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -16,7 +16,13 @@ from pathlib import Path
 from rich.table import Table as RichTable
 
 from lmlab.analysis.findings import memory_kind
-from lmlab.analysis.summary import ArmSummary, Experiment, load_experiment, summarize_arms
+from lmlab.analysis.summary import (
+    X_LABEL,
+    ArmSummary,
+    Experiment,
+    load_experiment,
+    summarize_arms,
+)
 from lmlab.config import flatten
 from lmlab.report.format import NA, SUMMARY_METRICS, Table, memory_label, metric_pm
 from lmlab.report.markdown import md_cell, md_table
@@ -33,6 +39,7 @@ class Comparison:
     rows: list[list[str]]
     notes: list[str]
     comparable: bool  # False when corpus or tokenizer differ: losses are not on one scale
+    experiments: tuple[Experiment, Experiment] | None = None
 
     def _table(self) -> Table:
         return Table(list(COLUMNS), self.rows, ["l", "l"] + ["r"] * (len(COLUMNS) - 2))
@@ -42,12 +49,38 @@ class Comparison:
         return rich_table(self._table(), title=f"{self.names[0]} vs {self.names[1]}",
                           caption="\n".join(self.notes) or None)
 
-    def markdown(self) -> str:
+    def markdown(self, figure: str | None = None, x_key: str | None = None) -> str:
         lines = [f"## {md_cell(self.names[0])} vs {md_cell(self.names[1])}", "",
                  md_table(self._table())]
         if self.notes:
             lines += [""] + [f"- {md_cell(n)}" for n in self.notes]
+        if figure is not None:
+            lines += ["", f"![Train and validation loss of both experiments]({figure})", "",
+                      f"*Train and validation loss vs {X_LABEL[x_key or 'tokens']}*: each arm's "
+                      "mean over seeds with its min–max band; solid: "
+                      f"{md_cell(self.names[0])}, dashed: {md_cell(self.names[1])}."]
         return "\n".join(lines) + "\n"
+
+    @property
+    def x_key(self) -> str:
+        """The shared comparison axis of the two experiments, or tokens when they differ."""
+        if self.experiments is None:
+            return "tokens"
+        a, b = self.experiments
+        return a.x_key if a.x_key == b.x_key else "tokens"
+
+    def write(self, out: Path) -> tuple[Path, Path | None]:
+        """``out/compare.md`` and the overlay figure ``out/overlay.png`` (none when neither
+        experiment has a loss curve yet)."""
+        from lmlab.report.seedplots import overlay_figure  # matplotlib, only when drawing
+
+        out.mkdir(parents=True, exist_ok=True)
+        png = None
+        if self.experiments is not None:
+            png = overlay_figure(self.experiments, self.names, self.x_key, out / "overlay.png")
+        md = out / "compare.md"
+        md.write_text(self.markdown(png.name if png else None, self.x_key))
+        return md, png
 
 
 def compare(dir_a: Path | str, dir_b: Path | str) -> Comparison:
@@ -61,7 +94,7 @@ def compare(dir_a: Path | str, dir_b: Path | str) -> Comparison:
         names = (f"{exp_a.name} ({Path(dir_a).name})", f"{exp_b.name} ({Path(dir_b).name})")
     rows = _rows(names[0], arms_a) + _rows(names[1], arms_b)
     notes, comparable = _notes(exp_a, exp_b)
-    return Comparison(names, rows, notes, comparable)
+    return Comparison(names, rows, notes, comparable, (exp_a, exp_b))
 
 
 def _rows(name: str, arms: Mapping[str, ArmSummary]) -> list[list[str]]:

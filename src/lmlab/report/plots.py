@@ -72,6 +72,8 @@ def arm_colors(arms: Sequence[str]) -> dict[str, Any]:
 def make_figures(exp: Experiment, arms: Mapping[str, ArmSummary], out: Path,
                  memory_label: str) -> dict[str, Figure]:
     """Draw every figure the data supports into ``out``; returns them by key, in report order."""
+    from lmlab.report.seedplots import lr_figure, per_seed_figure  # they draw with these helpers
+
     out.mkdir(parents=True, exist_ok=True)
     colors = arm_colors(exp.arms)
     figures: dict[str, Figure] = {}
@@ -79,7 +81,9 @@ def make_figures(exp: Experiment, arms: Mapping[str, ArmSummary], out: Path,
         lambda: _loss_figure(exp, colors, out, "tokens", "loss_tokens"),
         lambda: (_loss_figure(exp, colors, out, exp.x_key, f"loss_{exp.x_key}")
                  if exp.x_key != "tokens" else None),
+        lambda: per_seed_figure(exp, colors, out),
         lambda: _grad_norm_figure(exp, colors, out),
+        lambda: lr_figure(exp, colors, out),
         lambda: _speed_memory_figure(exp, arms, colors, out, memory_label),
         lambda: _diagnostics_figure(exp, colors, out),
         lambda: _preflight_figure(exp, out),

@@ -30,6 +30,7 @@ from lmlab.config import Components, RunConfig, error_fields, flatten
 from lmlab.identity import run_id, tuning_run_id
 from lmlab.names import EFFECTIVE_BATCH_PATHS, PER_SEED_PATHS, Role
 from lmlab.spec import expr
+from lmlab.spec.baseline import extend
 from lmlab.spec.budget import check_window, resolve_budget
 from lmlab.spec.footprint import check_fits, host_memory_bytes
 from lmlab.spec.load import YamlDoc, load_yaml, upgrade_spec_doc, validate
@@ -126,7 +127,7 @@ class Plan:
 
 
 def load_spec(path: Path | str) -> tuple[Spec, YamlDoc]:
-    doc = upgrade_spec_doc(load_yaml(path))
+    doc = extend(upgrade_spec_doc(load_yaml(path)))  # a baseline's tree under the spec's own
     return validate(doc, Spec), doc
 
 

@@ -12,13 +12,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
 from lmlab.config import LEGACY_CADENCE_KEYS, Components
 from lmlab.errors import UserError
+
+if TYPE_CHECKING:
+    from lmlab.spec.baseline import Inheritance
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -28,6 +31,26 @@ class YamlDoc:
     path: Path
     data: Any
     lines: dict[str, int]  # "a.b.0.c" -> 1-based line number
+    # A spec that extends a baseline (``controlled: {extends: PATH}``): the baseline file's
+    # document (values this one does not write come from it, and so do errors about them) and
+    # what was inherited (:mod:`lmlab.spec.baseline`).
+    inherited: YamlDoc | None = None
+    extends: Inheritance | None = None
+
+    def _depth(self, field: str) -> int:
+        """How many parts of ``field`` this document wrote (its deepest written ancestor)."""
+        parts = field.split(".") if field else []
+        while parts and ".".join(parts) not in self.lines:
+            parts.pop()
+        return len(parts)
+
+    def where(self, field: str) -> tuple[Path, int | None]:
+        """The file and line a value at ``field`` came from: this document's, or the
+        baseline's when the baseline wrote it more precisely (an inherited value; a tie is an
+        override, written here)."""
+        if self.inherited is not None and self.inherited._depth(field) > self._depth(field):
+            return self.inherited.where(field)
+        return self.path, self.line_of(field)
 
     def line_of(self, field: str) -> int | None:
         """The line of ``field`` or of its nearest written ancestor."""
@@ -40,7 +63,8 @@ class YamlDoc:
         return self.lines.get("", 1)
 
     def error(self, field: str, message: str) -> UserError:
-        return UserError(message, file=str(self.path), line=self.line_of(field), field=field or None)
+        path, line = self.where(field)
+        return UserError(message, file=str(path), line=line, field=field or None)
 
     @contextmanager
     def located(self, components_under: str = "") -> Iterator[None]:
@@ -54,7 +78,8 @@ class YamlDoc:
                 field = e.field or ""
                 if components_under and field.split(".", 1)[0] in Components.model_fields:
                     field = f"{components_under}.{field}"
-                e.file, e.line, e.field = str(self.path), self.line_of(field), field or None
+                path, e.line = self.where(field)
+                e.file, e.field = str(path), field or None
             raise
 
     def move(self, src: str, dst: str) -> bool:

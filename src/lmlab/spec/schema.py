@@ -473,6 +473,14 @@ class Spec(_Section):
     preflight: Preflight = Preflight()
     systems_addendum: bool | None = None  # default: on for category memory
     execution: Execution = Execution()
+    # The researcher's own notes, as written before (or while) running; `lmlab note DIR` adds
+    # more later, each with its time. Both are shown at the end of the report's section 10.
+    notes: str | list[str] | None = None
+
+    @property
+    def note_list(self) -> list[str]:
+        n = self.notes
+        return [] if n is None else [n] if isinstance(n, str) else list(n)
 
     @property
     def outcomes(self) -> list[ExpectedOutcome]:

@@ -5,12 +5,17 @@ here because rebinding a re-exported name would not change the list the store re
 """
 
 from lmlab.store.db import MetricRow, Migration, Store
+from lmlab.store.notes import add_note, notes, put_samples, samples
 from lmlab.store.provenance import capture, hardware_summary
 
 __all__ = [
     "MetricRow",
     "Migration",
     "Store",
+    "add_note",
     "capture",
     "hardware_summary",
+    "notes",
+    "put_samples",
+    "samples",
 ]

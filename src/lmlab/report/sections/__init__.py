@@ -26,8 +26,10 @@ from lmlab.report.sections import (
     interpretation,
     meta,
     metrics,
+    notes,
     preflight,
     results,
+    samples,
     tuning,
 )
 
@@ -55,9 +57,11 @@ def context(inputs: ReportInputs) -> dict[str, Any]:
         "metrics": metrics.section(inputs),
         "expected": expected.section(inputs),
         "results": results.section(inputs),
+        "samples": samples.section(inputs),
         "interpretation": interpretation_,
         "tuning": tuning.section(inputs),
         "decision": decision.section(inputs),
+        "notes": notes.section(inputs),
         "followups": followups.section(inputs),
         "preflight": preflight.section(inputs),
         "addendum": addendum.section(inputs),

@@ -64,7 +64,30 @@ def section(inputs: ReportInputs) -> Controlled:
         Item("Hardware (GPU type)", _hardware(inputs)),
         Item("Seed policy", _seed_policy(inputs)),
     ]
+    if (inherited := _inherited(inputs)) is not None:
+        items.insert(0, Item("Baseline", inherited))
     return Controlled(items, _undeclared(inputs))
+
+
+def _inherited(inputs: ReportInputs) -> str | None:
+    """Which of the settings below came from the baseline and which the spec overrode."""
+    b = (inputs.exp.spec_record or {}).get("baseline")
+    if not b:
+        return None
+    o = b.get("origin") or {}
+    over = b.get("overridden") or {}
+    text = (f"these settings extend the baseline {b.get('path')} (arm {o.get('arm', '?')} of "
+            f"{o.get('experiment', '?')}, verdict {o.get('verdict', '?')}"
+            + (", provisional" if b.get("provisional") else "") + f"; see 0): "
+            f"{b.get('inherited', 0)} inherited")
+    if over:
+        text += "; overridden here: " + "; ".join(
+            f"{p} = {fmt_value(new)}" + (f" (baseline {fmt_value(old)})" if old != new else
+                                         " (as in the baseline)")
+            for p, (old, new) in over.items())
+    else:
+        text += ", none overridden"
+    return text
 
 
 def _undeclared(inputs: ReportInputs) -> list[str]:

@@ -50,10 +50,13 @@ def section(inputs: ReportInputs) -> Meta:
         warnings.append(f"runs used different torch / lmlab / python versions: {listed}")
     category = (CATEGORY_NAMES.get(spec.meta.category, spec.meta.category) if spec
                 else "not recorded (no spec stored)")
+    items = [Item("Experiment Name", exp.name), Item("Category", category),
+             Item("Date", _date(inputs)), Item("Commit Hash / Branch", commit),
+             Item("Seed(s)", seeds)]
+    if (text := baseline_origin(inputs)) is not None:
+        items.append(Item("Baseline", text))
     return Meta(
-        items=[Item("Experiment Name", exp.name), Item("Category", category),
-               Item("Date", _date(inputs)), Item("Commit Hash / Branch", commit),
-               Item("Seed(s)", seeds)],
+        items=items,
         warnings=warnings, versions=listed if versions else None, spec=_spec_text(inputs))
 
 
@@ -95,3 +98,27 @@ def _spec_text(inputs: ReportInputs) -> SpecText | None:
     if not rec or not rec.get("text"):
         return None
     return SpecText(str(rec.get("path") or "?"), str(rec.get("hash") or "?"), str(rec["text"]))
+
+
+def baseline_origin(inputs: ReportInputs) -> str | None:
+    """The baseline the spec extended and where it came from, as the stored spec recorded it
+    when the experiment was opened (the file may have changed since; its digest says which)."""
+    b = (inputs.exp.spec_record or {}).get("baseline")
+    if not b:
+        return None
+    o = b.get("origin") or {}
+    commit = o.get("git_commit")
+    parts = [f"extends {b.get('path')} (digest {b.get('digest')})",
+             f"adopted from experiment {o.get('experiment', '?')} ({o.get('directory', '?')}), "
+             f"arm {o.get('arm', '?')}" + (" chosen with --arm" if o.get("selected_by") == "--arm"
+                                           else ", its report's decision"),
+             f"verdict {o.get('verdict', '?')}"
+             + (" — PROVISIONAL: adopted before the decision was settled"
+                if b.get("provisional") else ""),
+             f"lmlab {o.get('lmlab_version') or '?'}, commit "
+             f"{commit[:12] if commit else 'not recorded'}"
+             + (f" / {o['git_branch']}" if o.get("git_branch") else ""),
+             f"adopted {str(o.get('adopted_at', '?'))[:10]}"]
+    if o.get("report"):
+        parts.append(f"report {o['report']}")
+    return "; ".join(parts)

@@ -27,7 +27,8 @@ if TYPE_CHECKING:  # matplotlib: not needed to write a section
     from lmlab.report.plots import Figure
 
 # The curve figures, in the order section 6 shows them (loss_<x> only when x is not tokens).
-CURVE_FIGURES = ("loss_tokens", "loss_{x}", "grad_norm", "speed_memory", "diagnostics")
+CURVE_FIGURES = ("loss_tokens", "loss_{x}", "loss_per_seed", "grad_norm", "lr_schedule",
+                 "speed_memory", "diagnostics")
 
 
 @dataclass(frozen=True)
