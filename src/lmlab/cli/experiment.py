@@ -295,8 +295,9 @@ def run(
     time_min: Annotated[int | None, typer.Option(
         "--time-min", min=1, help="slurm: each job's time limit in minutes")] = None,
 ) -> None:
-    """Preflight, then every arm x seed, each in its own process (or on a cluster: --executor).
-    Rerun to resume."""
+    """Preflight, then every arm x seed, each in its own process. Rerun to resume.
+
+    On a cluster: --executor ray or slurm."""
     from lmlab import driver
     from lmlab.execute.pack import parse_pack
     from lmlab.execute.remote import executor_options
