@@ -1,6 +1,6 @@
 """Packed runs against the same runs one after another, as ratios measured in one process.
 
-    python benchmarks/packed.py [--shapes quickstart,wide,large] [--members 4,8] [--steps 30]
+    python benchmarks/packed.py [--shapes tiny,small,quickstart,mid,wide,large] [--members 4,8] [--steps 30]
                                 [--repeats 3]
     python benchmarks/packed.py --experiment [SPEC]     # `lmlab run` packed vs not, end to end
 
@@ -11,16 +11,23 @@ The figure is training tokens over training seconds summed over the members (war
 evaluation and diagnostics off), and the ratio packed / one after another of each repeat; the
 median ratio is the result. Shapes (vocabulary, layers x width, sequence, batch):
 
-- quickstart: 4096, 2 x 128, 128, 16 (examples/quickstart.yaml)
+- tiny:       512, 2 x 48, 32, 8 (the tests' model: launch-bound, as small models are on a GPU)
+- small:      2048, 2 x 64, 64, 16
+- quickstart: 4096, 2 x 128, 64, 16 (examples/quickstart.yaml)
+- mid:        4096, 2 x 192, 128, 16 (the quickstart, 1.5x as wide)
 - wide:       8192, 4 x 256, 128, 16
 - large:      8192, 4 x 256, 256, 16 (the throughput benchmark's shape)
 
 Experiment mode: `lmlab run SPEC` (default examples/quickstart.yaml) with --pack off and with
---pack auto, each in a fresh directory, interleaved twice: wall-clock, every run's final
-validation loss and the report's verdict, side by side.
+--pack auto (or ``--pack N``), each in a fresh directory, interleaved ``--repeats`` times:
+wall-clock, every run's final validation loss and the report's verdict, side by side.
+
+Each solo figure is also given as a share of this machine's fp32 matmul throughput (the FLOPs
+of ``lmlab.execute.pack.step_flops``): a run already near 100% leaves packing nothing to win.
 
 On a shared machine, run it more than once: other processes' load lands on whichever side
-happens to be running.
+happens to be running (on this project's loaded machine it once showed 1.70x at the quickstart
+shape; on the same machine quiet, 1.03x).
 """
 
 from __future__ import annotations
@@ -39,13 +46,17 @@ import torch
 
 from lmlab.config import RunConfig
 from lmlab.data.tokenize import prepare_data
+from lmlab.execute.pack import step_flops
 from lmlab.store import Store
 from lmlab.train.loop import train
 from lmlab.train.pack import Member, train_pack
 
 DATA = Path(os.environ.get("LMLAB_DATA_DIR", "../shared/data")) / "wikitext-2-test-articles"
 SHAPES = {
-    "quickstart": (4096, {"n_layer": 2, "n_head": 4, "d_model": 128}, 128, 16),
+    "tiny": (512, {"n_layer": 2, "n_head": 2, "d_model": 48}, 32, 8),
+    "small": (2048, {"n_layer": 2, "n_head": 2, "d_model": 64}, 64, 16),
+    "quickstart": (4096, {"n_layer": 2, "n_head": 4, "d_model": 128}, 64, 16),
+    "mid": (4096, {"n_layer": 2, "n_head": 4, "d_model": 192}, 128, 16),
     "wide": (8192, {"n_layer": 4, "n_head": 4, "d_model": 256}, 128, 16),
     "large": (8192, {"n_layer": 4, "n_head": 4, "d_model": 256}, 256, 16),
 }
@@ -87,18 +98,37 @@ def packed(cfgs: list[RunConfig], data) -> float:
     return sum(r.summary["tokens"] for r in results) / results[0].summary["train_s"]
 
 
+def matmul_peak() -> float:
+    """This machine's fp32 matmul throughput (FLOP/s): what no packing can exceed."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    for _ in range(3):
+        a @ b
+    t0 = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    return 20 * 2 * 1024**3 / (time.perf_counter() - t0)
+
+
 def steps_mode(args: argparse.Namespace) -> None:
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    peak = matmul_peak()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
+          f"fp32 matmul 1024^3: {peak / 1e9:.0f} GFLOP/s")
     for shape in args.shapes.split(","):
         data = prepare_data(config(shape, 0, 1).data, config(shape, 0, 1).tokenizer)
+        cfg = config(shape, 0, 1)
+        per_token = step_flops(cfg, data.tokenizer.vocab_size) / (cfg.train.batch_size
+                                                                  * cfg.train.seq_len)
+        print(f"{shape}: {per_token * cfg.train.batch_size * cfg.train.seq_len / 1e9:.2f} GFLOP "
+              "per member step")
         for n in (int(m) for m in args.members.split(",")):
             cfgs = [config(shape, seed, args.steps) for seed in range(n)]
             ratios = []
             for r in range(args.repeats):  # interleaved, so load hits both alike
                 solo, pack = one_after_another(cfgs, data), packed(cfgs, data)
                 ratios.append(pack / solo)
-                print(f"{shape} x{n} repeat {r}: one after another {solo:,.0f} tok/s   "
-                      f"packed {pack:,.0f} tok/s   ratio {ratios[-1]:.2f}", flush=True)
+                print(f"{shape} x{n} repeat {r}: one after another {solo:,.0f} tok/s "
+                      f"({solo * per_token / peak:.0%} of the matmul peak)   packed {pack:,.0f} "
+                      f"tok/s   ratio {ratios[-1]:.2f}", flush=True)
             print(f"{shape} x{n}: median ratio {statistics.median(ratios):.2f} "
                   f"(min {min(ratios):.2f}, max {max(ratios):.2f})", flush=True)
 
@@ -112,12 +142,13 @@ def experiment_mode(args: argparse.Namespace) -> None:
     from lmlab.analysis.records import load_runs
 
     results: dict[str, list[dict]] = {"off": [], "auto": []}
-    for _ in range(2):
+    for _ in range(args.repeats):
         for pack in ("off", "auto"):
             with tempfile.TemporaryDirectory() as tmp:
                 out = Path(tmp) / "exp"
                 t0 = time.perf_counter()
-                lmlab("run", args.spec, "--out", str(out), "--pack", pack,
+                lmlab("run", args.spec, "--out", str(out),
+                      "--pack", pack if pack == "off" else args.pack,
                       "--fallback-corpus", str(DATA))
                 wall = time.perf_counter() - t0
                 lmlab("report", str(out))
@@ -126,7 +157,7 @@ def experiment_mode(args: argparse.Namespace) -> None:
                 verdict = [line for line in (out / "report.md").read_text().splitlines()
                            if "☑" in line or "☐" in line or "Verdict" in line]
                 results[pack].append({"wall_s": wall, "finals": finals, "verdict": verdict})
-                print(f"--pack {pack}: {wall:.0f} s  final val loss "
+                print(f"--pack {pack if pack == 'off' else args.pack}: {wall:.0f} s  final val loss "
                       f"{json.dumps({k: round(v, 5) for k, v in finals.items()})}", flush=True)
     off, auto = results["off"], results["auto"]
     print(f"wall-clock: off {[round(r['wall_s']) for r in off]} s, auto "
@@ -146,6 +177,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--experiment", action="store_true")
+    ap.add_argument("--pack", default="auto", help="experiment mode: the packed side's --pack")
     ap.add_argument("spec", nargs="?", default="examples/quickstart.yaml")
     args = ap.parse_args()
     if args.experiment:

@@ -37,10 +37,3 @@ def articles_data() -> dict:
     return {"dataset": "local", "path": str(ARTICLES), "name": "wikitext-2-test-articles"}
 
 
-def deep_merge(base: dict, over: dict) -> dict:
-    """``base`` with ``over`` merged in, mapping by mapping (a config tree and its overrides)."""
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(
-            out.get(key), dict) else value
-    return out

@@ -18,10 +18,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import deep_merge
 from lmlab.config import DiagnosticsConfig, ModelConfig, RunConfig
 from lmlab.model import build_model
 from lmlab.model.attention import CausalSelfAttention
+from lmlab.spec.baseline import deep_merge
 from lmlab.store import Store
 from lmlab.train.diagnostics import Diagnostics
 from lmlab.train.loop import train

@@ -11,10 +11,10 @@ import pytest
 import torch
 import yaml
 
-from conftest import deep_merge
 from lmlab.config import RunConfig
 from lmlab.errors import UserError
 from lmlab.identity import digest, run_id, same, v1_config_hash
+from lmlab.spec.baseline import deep_merge
 from lmlab.spec.expand import load_plan
 from lmlab.store import Store
 from lmlab.train.checkpoint import load_checkpoint

@@ -4,15 +4,19 @@ files in an outbox (Ray, Slurm)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 
 from lmlab.store import Store
 from lmlab.store import db as dbmod
+from lmlab.store import ingest as ingest_mod
 from lmlab.store.ingest import Batch, Ingested, Outbox, ingest, read_outbox
+from lmlab.train.checkpoint import set_aside_checkpoints
 from lmlab.train.loop import train
 from test_train import tiny_config
 
@@ -96,6 +100,43 @@ def test_a_run_through_the_outbox_stores_what_a_direct_run_stores(tmp_path: Path
     assert [e[:2] for e in _events(shipped)] == [e[:2] for e in _events(direct)]
     assert shipped.run("r")["status"] == direct.run("r")["status"] == "completed"
     assert shipped.run("r")["provenance"]["device"] == "cpu"
+
+
+def test_an_unreadable_batch_file_is_set_aside_and_said_not_waited_on(
+        tmp_path: Path, articles_data: dict) -> None:
+    """A batch file that does not parse is retried while it is fresh (a network file system's
+    cache may lag), then moved to refused/ (kept) and counted; the batches after it wait, early.
+    A resumed run (a new segment) then ingests whole, and the old segment's rest is refused."""
+    cfg = tiny_config(articles_data, budget={"steps": 20})
+    storage = tmp_path / "storage"
+    store = Store.open(tmp_path / "exp")
+    store.add_run("r", "a", 0, cfg.to_json(), cfg.config_hash)
+    train(cfg, "r", Outbox(storage), storage / "runs" / "r")
+    outbox = Outbox(storage).directory("r")
+    files = sorted(outbox.glob("*.json"))
+    damaged = files[3]
+    damaged.write_text(damaged.read_text()[:40])  # cut short
+    counts = read_outbox(store, outbox)  # fresh: retried later, nothing set aside
+    assert counts[Ingested.APPLIED] == 3 and counts[Ingested.UNREADABLE] == 0
+    assert counts[Ingested.EARLY] == 1 and damaged.exists()
+    old = time.time() - ingest_mod.UNREADABLE_GRACE_S - 1
+    os.utime(damaged, (old, old))
+    counts = read_outbox(store, outbox)
+    assert counts[Ingested.UNREADABLE] == 1 and counts[Ingested.EARLY] == len(files) - 4
+    assert not damaged.exists() and (outbox / "refused" / f"{damaged.name}.unreadable").exists()
+    assert store.run("r")["status"] == "running"  # its end is in a batch still waiting
+
+    # What the driver does (execute.remote): the checkpoints set aside, so that the rerun trains
+    # the run again from the start (a resume would leave the set-aside batch's rows missing).
+    assert set_aside_checkpoints(storage / "runs" / "r", "test")
+    train(cfg, "r", Outbox(storage), storage / "runs" / "r")
+    counts = read_outbox(store, outbox, final=True)  # the dead segment no longer holds it up
+    assert counts[Ingested.APPLIED] > 5 and counts[Ingested.UNREADABLE] == 0
+    assert store.run("r")["status"] == "completed"
+    counts = read_outbox(store, outbox)  # superseded by the new segment
+    assert counts[Ingested.STALE] == len(files) - 4 and not list(outbox.glob("*.json"))
+    assert [r.step for r in store.metrics("r", ["train_loss"])["train_loss"]] == \
+        list(range(1, 21))
 
 
 def _same_but_clock(a: dict, b: dict) -> bool:

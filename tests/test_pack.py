@@ -28,13 +28,21 @@ import pytest
 import torch
 import yaml
 
-from conftest import deep_merge
 from lmlab.config import ModelConfig, RunConfig
 from lmlab.errors import UserError
-from lmlab.execute.pack import auto_size, member_bytes, parse_pack, plan_packs
+from lmlab.execute.pack import (
+    CPU_PACK_MAX_STEP_FLOPS,
+    auto_note,
+    auto_size,
+    member_bytes,
+    parse_pack,
+    plan_packs,
+    step_flops,
+)
 from lmlab.identity import digest
 from lmlab.model import build_model
 from lmlab.model.stacked import StackedGPT
+from lmlab.spec.baseline import deep_merge
 from lmlab.spec.expand import expand
 from lmlab.spec.load import load_yaml
 from lmlab.spec.schema import Spec
@@ -537,6 +545,27 @@ def test_auto_does_not_pack_what_packing_would_change(tmp_path: Path, articles_d
     room = (4 * member_bytes(cfg, 512) + _rss()) / 2**20 + 1
     roomy = cfg.model_copy(update={"budget": cfg.budget.model_copy(update={"max_memory_mb": room})})
     assert auto_size(roomy, 512) in (3, 4)  # the baseline moves a little while we measure
+
+
+def test_auto_packs_cpu_runs_only_while_packing_pays(tmp_path: Path, articles_data: dict) -> None:
+    """On a CPU a pack pays only for steps small enough to be overhead-bound (benchmarks/
+    packed.py: 1.27x at 0.13 GFLOP per member step, 1.00x at the quickstart's 5.9): `auto` packs
+    the tests' model and leaves the quickstart's shape solo, saying why; `--pack N` still packs."""
+    small = plan_of(articles_data, tmp_path)
+    assert any(p.packed for p in plan_packs(small, "auto")) and auto_note(small, "auto") is None
+    cfg = small.runs[0].config  # 1 x 32, vocab 512, 8 x 32 tokens a step; the head is tied
+    per_token = 6 * cfg.model.n_layer * 12 * 32 ** 2 + 12 * 1 * 2 * 16 * 32 + 6 * 512 * 32
+    assert step_flops(cfg, 512) == pytest.approx(per_token * 8 * 32, rel=0.05)  # + biases, norms
+    controlled = {**base_spec(articles_data)["controlled"],  # examples/quickstart.yaml's shape
+                  "tokenizer": {"kind": "bpe", "vocab_size": 4096},
+                  "model": {"n_layer": 2, "n_head": 4, "d_model": 128},
+                  "train": {"batch_size": 16, "seq_len": 128, "device": "cpu"}}
+    big = plan_of(articles_data, tmp_path, controlled=controlled, budget={"tokens": 16 * 128 * 4})
+    assert step_flops(big.runs[0].config, 4096) > CPU_PACK_MAX_STEP_FLOPS
+    assert all(not p.packed for p in plan_packs(big, "auto", vocab_size=4096))
+    note = auto_note(big, "auto", 4096)
+    assert note is not None and "GFLOP per run is past where packing pays" in note
+    assert any(p.packed for p in plan_packs(big, 2)) and auto_note(big, 2) is None
 
 
 def _rss() -> int:

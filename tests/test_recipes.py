@@ -25,6 +25,7 @@ from lmlab.data.batches import TrainBatcher, iter_eval_batches
 from lmlab.data.tokenize import DataBundle, prepare_data
 from lmlab.errors import UserError
 from lmlab.optim import build_schedule, newton_schulz
+from lmlab.spec.baseline import deep_merge
 from lmlab.store import Store
 from lmlab.train import step as step_module
 from lmlab.train.checkpoint import load_checkpoint
@@ -32,16 +33,6 @@ from lmlab.train.evaluate import evaluate
 from lmlab.train.preflight import overfit, preflight_config
 
 BATCH, SEQ = 8, 64
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def tiny(articles_data: dict, **sections: dict) -> RunConfig:
@@ -60,7 +51,7 @@ def tiny(articles_data: dict, **sections: dict) -> RunConfig:
                                        "update_ratio": False}},
         "cadence": {"log_every_steps": 1, "checkpoint_every_steps": 1000},
     }
-    return RunConfig.model_validate(_merge(base, sections))
+    return RunConfig.model_validate(deep_merge(base, sections))
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,9 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import lmlab.train.loop as loop
 import lmlab.train.step as step_module
-from conftest import deep_merge
 from lmlab.config import DiagnosticsConfig, RunConfig
 from lmlab.execute.local import run_sweep
+from lmlab.spec.baseline import deep_merge
 from lmlab.spec.expand import PlannedRun
 from lmlab.store import Store
 from lmlab.train.diagnostics import SpikeDetector

@@ -154,14 +154,33 @@ class ScheduleConfig(_Config):
     decay_frac: float = Field(0.2, gt=0, le=1, description="wsd: the final share spent decaying")
 
 
+# Optimizers whose update of a weight needs the whole matrix, not a shard of its rows (FSDP).
+WHOLE_MATRIX_OPTIMIZERS = {"muon": "Muon orthogonalises each whole matrix",
+                           "adafactor": "Adafactor factors each matrix into row and column "
+                                        "statistics"}
+
+
 class DistributedConfig(_Config):
     """One run over several devices of one node (``lmlab.train.distributed``): ``nproc`` ranks
-    launched with torchrun, data parallel (DDP: gloo on CPU, NCCL on CUDA). The global batch
-    (``train.batch_size``) stays the controlled quantity: each rank trains ``batch_size /
-    nproc`` sequences of every step, in micro-batches of at most ``batch_size / grad_accum``."""
+    launched with torchrun (gloo on CPU, NCCL on CUDA). The global batch (``train.batch_size``)
+    stays the controlled quantity: each rank trains ``batch_size / nproc`` sequences of every
+    step, in micro-batches of at most ``batch_size / grad_accum``.
+
+    ``strategy``: ``ddp`` replicates the model on every rank and averages the gradients;
+    ``fsdp`` (FSDP2, ``fully_shard`` per block and on the whole model) shards the weights, the
+    gradients and the optimizer state over the ranks, for a model whose training state does not
+    fit one device. The update is the same either way, up to float summation order."""
 
     nproc: int = Field(1, ge=1)
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+
+    @model_validator(mode="after")
+    def _sharding_needs_ranks(self) -> DistributedConfig:
+        if self.strategy == "fsdp" and self.nproc < 2:
+            raise ValueError("strategy 'fsdp' shards the model over the ranks: it needs "
+                             "distributed.nproc of 2 or more")
+        return self
 
 
 class TrainConfig(_Config):
@@ -377,6 +396,15 @@ class RunConfig(Components):
                         f"train.seq_len={self.train.seq_len}")
         return self
 
+    @model_validator(mode="after")
+    def _shards_suit_the_optimizer(self) -> RunConfig:
+        why = WHOLE_MATRIX_OPTIMIZERS.get(self.optimizer.name)
+        if self.train.distributed.strategy == "fsdp" and why:
+            raise about(("train.distributed.strategy", "optimizer.name"),
+                        f"strategy 'fsdp' shards every matrix over the ranks, but {why}: use "
+                        "strategy 'ddp' for this optimizer")
+        return self
+
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True)
 
@@ -422,6 +450,16 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[path] = value
     return out
+
+
+def set_path(tree: dict[str, Any], path: str, value: Any, *, create: bool = False) -> None:
+    """Set the dotted ``path`` of ``tree`` to ``value``. The mappings on the way must exist
+    (a KeyError names the first that does not) unless ``create`` makes the missing ones."""
+    *parents, leaf = path.split(".")
+    node = tree
+    for key in parents:
+        node = node.setdefault(key, {}) if create else node[key]
+    node[leaf] = value
 
 
 def expand_path(path: str, base: Path | None = None) -> Path:

@@ -204,7 +204,7 @@ def tune(plan: Plan, out_dir: Path, *, skip_preflight: bool = False, force_new: 
         check_hardware(sweep_plan, executor)
         moved = moved or open_experiment(sweep_plan, out_dir, force_new=force_new)
         force_new = False
-        _put_tuning(out_dir, record)  # each extension is on record before its runs start
+        _put(out_dir, record, RESULT_TUNING)  # each extension is on record before its runs start
         done = run_experiment(sweep_plan, out_dir, skip_preflight=skip_preflight,
                               parallel=parallel, pack=pack, executor=executor)
         outcome = Outcome(done["results"], done["preflight"], moved)
@@ -215,7 +215,7 @@ def tune(plan: Plan, out_dir: Path, *, skip_preflight: bool = False, force_new: 
         if not extend_edges(record, judged, nuisance.extend):
             selected |= _selection(judged, plan)  # once chosen, never chosen again
             record["selected"] = selected
-            _put_tuning(out_dir, record)
+            _put(out_dir, record, RESULT_TUNING)
     return expand(plan.spec, plan.doc, tuning=record["points"],
                   selected={a: dict(selected[a]) for a in plan.arms})
 
@@ -295,11 +295,6 @@ def _stored_tuning(out_dir: Path) -> dict[str, Any] | None:
         return store.get_result(RESULT_TUNING)
 
 
-def _put_tuning(out_dir: Path, record: dict[str, Any]) -> None:
-    with Store.open(out_dir) as store:
-        store.put_result(RESULT_TUNING, record)
-
-
 # -- the record --------------------------------------------------------------------------------
 
 
@@ -310,9 +305,11 @@ def _stored(out_dir: Path) -> dict[str, Any] | None:
         return store.get_result(RESULT_SEQUENTIAL)
 
 
-def _put(out_dir: Path, record: dict[str, Any]) -> None:
+def _put(out_dir: Path, record: dict[str, Any], key: str = RESULT_SEQUENTIAL) -> None:
+    """Put the driver's record (the sequential design and its looks, or the tuning record)
+    on record in the store, whole."""
     with Store.open(out_dir) as store:
-        store.put_result(RESULT_SEQUENTIAL, record)
+        store.put_result(key, record)
 
 
 def _open_claims(verdict: HypothesisVerdict) -> list[str]:

@@ -150,7 +150,7 @@ def plan(
     Each shape is timed on a few real steps; until settled, the rounds and the worst case."""
     from lmlab.driver import design_of, plan_rounds, plan_tuning, stand_in
     from lmlab.execute.experiment import estimate, prepare_plan_data
-    from lmlab.execute.pack import annotate, parse_pack, plan_packs
+    from lmlab.execute.pack import annotate, auto_note, parse_pack, plan_packs
 
     p = plan_of(spec, data_dir, fallback_corpus)
     warn(p, bound=no_estimate)  # a measured estimate says more than the bound
@@ -160,7 +160,7 @@ def plan(
     # at a stand-in value (the selection is made from the tuning runs).
     p = stand_in(p, sorted(design.seeds_through(len(design.rounds))) if design else None)
     if no_estimate:
-        record = annotate(p.to_json(), plan_packs(p, option))
+        record = annotate(p.to_json(), plan_packs(p, option), note=auto_note(p, option))
     else:
         with console.status("timing a few real steps of each shape..."), p.doc.located("controlled"):
             record = estimate(p, None, prepare_plan_data(p), option)

@@ -19,7 +19,7 @@ from lmlab.errors import UserError
 from lmlab.execute.estimate import check_plan_memory, estimate_plan
 from lmlab.execute.lease import hold_directory, move_held_directory
 from lmlab.execute.local import run_sweep
-from lmlab.execute.pack import PackOption, annotate, parse_pack, plan_packs
+from lmlab.execute.pack import PackOption, annotate, auto_note, parse_pack, plan_packs
 from lmlab.execute.remote import ExecutorOptions, backend_for, hardware_problem, run_remote
 from lmlab.identity import same
 from lmlab.names import RESULT_PLAN, RESULT_PREFLIGHT, RESULT_SPEC, STORE_FILE, Event
@@ -108,9 +108,10 @@ def estimate(plan: Plan, out_dir: Path | None, data: DataBundle,
              pack: PackOption = "off") -> dict[str, Any]:
     """The plan's record with each run's expected wall-clock, its runs trained as ``pack``
     says (a packed run: its pack's name and its share of the pack's time)."""
-    packs = plan_packs(plan, pack, vocab_size=data.tokenizer.vocab_size)
+    vocab = data.tokenizer.vocab_size
+    packs = plan_packs(plan, pack, vocab_size=vocab)
     estimates = estimate_plan(plan, data, [p.runs for p in packs])
-    record = annotate(plan.to_json(), packs, estimates)
+    record = annotate(plan.to_json(), packs, estimates, auto_note(plan, pack, vocab))
     for r in record["runs"]:
         r["estimate_s"] = estimates[r["run_id"]]
     record["estimate_total_s"] = sum(estimates.values())

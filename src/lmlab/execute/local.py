@@ -37,19 +37,32 @@ from lmlab.identity import same
 from lmlab.names import (
     FINISHED,
     LEASE_FILE,
+    RESULT_SPEC,
     RUNS_DIR,
     TOKENS_PER_S,
     TRAIN_LOSS,
     VAL_LOSS,
     Status,
 )
-from lmlab.spec.expand import PlannedRun
+from lmlab.spec.expand import PlannedRun, addendum_requested
+from lmlab.spec.schema import Spec
 from lmlab.store import Store
 from lmlab.train.loop import LogLine, RunResult, train
+from lmlab.train.memory import KEEP_FREED_ENV
 from lmlab.train.samples import sample_run
 
 console = Console(stderr=True)
 TICKS = 1000  # progress bars count thousandths of a run's budget
+
+
+def memory_rule(out_dir: Path) -> dict[str, str]:
+    """The environment a worker of this experiment needs: when it asks for the Memory / Systems
+    addendum, its runs keep the allocator's defaults (``lmlab.train.memory``), so their peaks
+    are the ones glibc gives, on this host or a cluster's."""
+    with Store.open(out_dir) as store:
+        stored = store.get_result(RESULT_SPEC)
+    measured = stored is not None and addendum_requested(Spec.model_validate(stored["spec"]))
+    return {KEEP_FREED_ENV: "0"} if measured else {}
 
 
 @contextmanager

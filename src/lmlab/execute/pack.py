@@ -33,9 +33,15 @@ from lmlab.spec.expand import Plan, PlannedRun, addendum_requested
 from lmlab.train.pack import unpackable
 
 PackOption = Literal["auto", "off"] | int
-# The most members `auto` puts in one pack. benchmarks/packed.py measures where packing stops
-# paying on this kind of machine; beyond 8 members the gain had flattened on every shape tried.
+# The most members `auto` puts in one pack: beyond 8 the gain had flattened on every shape tried.
 AUTO_MAX = 8
+# On a CPU a pack pays only while a member's step is small enough to be bound by per-operation
+# overhead rather than arithmetic. benchmarks/packed.py, 4 members, 2 quiet cores (step_flops
+# per member step): 1.27x at 0.13 GFLOP (tiny: a solo run at 25% of the fp32 1024^3-matmul
+# rate), 1.09x at 1.5 (49%), 1.00-1.03x at 5.9 (the quickstart: 66%, as high as its small
+# matmuls go), 0.99x at 12, 0.96x at 22, 0.98x at 68, 0.93x at 142. `auto` packs CPU runs up to
+# this; on a GPU, where a small model is launch-bound, whatever their size.
+CPU_PACK_MAX_STEP_FLOPS = 3e9
 
 
 def parse_pack(value: str | int | None, field: str = "--pack") -> PackOption:
@@ -83,6 +89,21 @@ def member_bytes(cfg: RunConfig, vocab_size: int) -> int:
     return 16 * params + 4 * tc.micro_batch_size * tc.seq_len * per_token
 
 
+def step_flops(cfg: RunConfig, vocab_size: int) -> float:
+    """Training FLOPs of one optimizer step of ``cfg``'s model: forward and backward of the
+    weights' matmuls (the head's included) and attention's (``GPT.flops_per_token``), over the
+    step's tokens. Counted on a meta-device model."""
+    tc = cfg.train
+    with torch.device("meta"):
+        model = build_model(cfg.model, vocab_size, tc.seq_len)
+    return model.flops_per_token(tc.seq_len) * tc.batch_size * tc.seq_len
+
+
+def _device_type(cfg: RunConfig) -> str:
+    return "cuda" if cfg.train.device == "cuda" or (
+        cfg.train.device == "auto" and torch.cuda.is_available()) else "cpu"
+
+
 def _baseline_bytes(device_type: str) -> int:
     """What a worker holds before any member: on CPU about what this process holds now (the
     interpreter, torch, the data); on a GPU the allocator starts near zero."""
@@ -121,15 +142,38 @@ def packing_pays(plan: Plan) -> bool:
 
 
 def auto_size(cfg: RunConfig, vocab_size: int | None = None) -> int:
-    """How many runs ``auto`` puts in a pack of ``cfg``'s shape."""
+    """How many runs ``auto`` puts in a pack of ``cfg``'s shape: 1 (none) on a CPU past
+    :data:`CPU_PACK_MAX_STEP_FLOPS`; else :data:`AUTO_MAX`, or fewer when
+    ``budget.max_memory_mb`` would not hold them."""
+    vocab = vocab_size or cfg.tokenizer.vocab_size
+    device = _device_type(cfg)
+    if device == "cpu" and step_flops(cfg, vocab) > CPU_PACK_MAX_STEP_FLOPS:
+        return 1
     limit = cfg.budget.max_memory_mb
     if limit is None:
         return AUTO_MAX
-    device = "cuda" if cfg.train.device == "cuda" or (
-        cfg.train.device == "auto" and torch.cuda.is_available()) else "cpu"
     room = limit * 2**20 - _baseline_bytes(device)
-    each = member_bytes(cfg, vocab_size or cfg.tokenizer.vocab_size)
-    return max(1, min(AUTO_MAX, int(room // each)))
+    return max(1, min(AUTO_MAX, int(room // member_bytes(cfg, vocab))))
+
+
+def auto_note(plan: Plan, option: PackOption, vocab_size: int | None = None) -> str | None:
+    """Why ``auto`` leaves runs that could share a pack unpacked, for `lmlab plan`; None when it
+    does not."""
+    if option != "auto":
+        return None
+    if not packing_pays(plan):
+        return ("not packed: the experiment measures speed or memory (the Memory / Systems "
+                "addendum), and a packed run's step time and peak memory are its pack's")
+    big = [r.config for r in plan.runs if unpackable(r.config) is None
+           and _device_type(r.config) == "cpu"
+           and step_flops(r.config, vocab_size or r.config.tokenizer.vocab_size)
+           > CPU_PACK_MAX_STEP_FLOPS]
+    if not big:
+        return None
+    flops = step_flops(big[0], vocab_size or big[0].tokenizer.vocab_size)
+    return (f"not packed: on a CPU, a step of {flops / 1e9:.0f} GFLOP per run is past where "
+            f"packing pays ({CPU_PACK_MAX_STEP_FLOPS / 1e9:.0f} GFLOP, benchmarks/packed.py); "
+            "--pack N packs anyway")
 
 
 def describe(packs: list[Pack]) -> dict[str, str]:
@@ -142,9 +186,13 @@ def describe(packs: list[Pack]) -> dict[str, str]:
 
 
 def annotate(record: dict[str, Any], packs: list[Pack],
-             estimates: dict[str, float] | None = None) -> dict[str, Any]:
+             estimates: dict[str, float] | None = None, note: str | None = None,
+             ) -> dict[str, Any]:
     """A plan record (``Plan.to_json()``) with each run's pack (its name, or None) and the packs
-    listed, with their expected wall-clock when ``estimates`` has the runs'."""
+    listed, with their expected wall-clock when ``estimates`` has the runs', and ``note``
+    (:func:`auto_note`) when packing was asked for and not done."""
+    if note is not None:
+        record["pack_note"] = note
     names = describe(packs)
     for r in record["runs"]:
         r["pack"] = names.get(r["run_id"])

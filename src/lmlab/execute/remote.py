@@ -37,14 +37,22 @@ import torch
 from lmlab.config import RunConfig
 from lmlab.errors import UserError
 from lmlab.execute.lease import RENEW_EVERY_S, TTL_S, Lease, hold_directory
-from lmlab.execute.local import TICKS, _progress, _run_info, _run_progress, stop_on_signals
+from lmlab.execute.local import (
+    TICKS,
+    _progress,
+    _run_info,
+    _run_progress,
+    memory_rule,
+    stop_on_signals,
+)
 from lmlab.execute.pack import Pack
 from lmlab.names import FINISHED, LEASE_FILE, RESULT_JOBS, RUNS_DIR, Status
 from lmlab.spec.expand import PlannedRun
 from lmlab.spec.schema import Execution
 from lmlab.store import Store
-from lmlab.store.ingest import Outbox, read_outbox
+from lmlab.store.ingest import REFUSED_DIR, Ingested, Outbox, read_outbox
 from lmlab.train import distributed
+from lmlab.train.checkpoint import set_aside_checkpoints
 from lmlab.train.distributed import NullSink
 from lmlab.train.loop import train
 from lmlab.train.pack import Member, train_pack
@@ -278,9 +286,33 @@ def run_remote(runs: list[PlannedRun], out_dir: Path, backend: Backend, *, stora
             stop_file.unlink(missing_ok=True)
 
 
-def _drain(store: Store, storage: Path, run_ids: list[str]) -> None:
+def _drain(store: Store, storage: Path, run_ids: list[str], *, final: bool = False,
+           ) -> list[str]:
+    """Ingest what the runs' workers sent; returns the runs one of whose batch files could not
+    be read in this pass (set aside in its outbox's refused/, and said on stderr)."""
+    damaged = []
     for run_id in run_ids:
-        read_outbox(store, Outbox(storage).directory(run_id))
+        outbox = Outbox(storage).directory(run_id)
+        if read_outbox(store, outbox, final=final)[Ingested.UNREADABLE]:
+            damaged.append(run_id)
+            print(f"warning: run {run_id}: a batch file of its records could not be read; it "
+                  f"is kept in {outbox / REFUSED_DIR}", file=sys.stderr)
+    return damaged
+
+
+def _restart_damaged(store: Store, storage: Path, run_id: str, state: str) -> str:
+    """A run with an unreadable batch: its rows since then are not all in the store, and a
+    resume from its checkpoint would leave that gap. Its checkpoints are set aside (kept), so a
+    rerun trains it again from the start; it ends failed (or interrupted), saying so."""
+    run_dir = storage / RUNS_DIR / run_id
+    moved = set_aside_checkpoints(run_dir, "a batch of the run's records could not be read")
+    if state in FINISHED:
+        state = Status.FAILED
+    store.set_status(run_id, state, error=(
+        f"a batch of its records could not be read (kept in {Outbox(storage).directory(run_id)}"
+        f"/{REFUSED_DIR}); its checkpoints are set aside ({', '.join(m.moved_to for m in moved) or 'none'}"
+        f") so that a rerun trains it again from the start and no row is missing"))
+    return state
 
 
 def _run_remote(runs: list[PlannedRun], out_dir: Path, backend: Backend, storage: Path,
@@ -296,7 +328,9 @@ def _run_remote(runs: list[PlannedRun], out_dir: Path, backend: Backend, storage
     todo = [r for r in runs if done.get(r.run_id) not in FINISHED]
     results = {r.run_id: done[r.run_id] for r in runs if r not in todo}
     env = tuple((k, os.environ[k]) for k in ENV_PASSED if os.environ.get(k))
+    env += tuple(memory_rule(out_dir).items())  # the addendum's allocator rule, on every node
     needs_you: dict[str, str] = {}
+    damaged: set[str] = set()  # runs with a batch that could not be read
 
     with stop_on_signals() as stop, _progress() as progress, Store.open(out_dir) as store:
         overall = progress.add_task(f"experiment ({backend.name})", total=len(runs) * TICKS,
@@ -325,14 +359,15 @@ def _run_remote(runs: list[PlannedRun], out_dir: Path, backend: Backend, storage
             if stop.is_set() and not stop_file.exists():
                 stop_file.touch()  # every worker checkpoints and stops at its next step
             time.sleep(POLL_S)
-            _drain(store, storage, [rid for _, u, _ in active.values() for rid in u.run_ids])
+            damaged.update(_drain(store, storage,
+                                  [rid for _, u, _ in active.values() for rid in u.run_ids]))
             for first, (handle, unit, tasks) in list(active.items()):
                 for run_id, task in tasks.items():
                     progress.update(task, completed=int(_run_progress(store, run_id, runs) * TICKS),
                                     info=_run_info(store, run_id))
                 if not backend.done(handle):
                     continue
-                _drain(store, storage, unit.run_ids)  # its last batches
+                damaged.update(_drain(store, storage, unit.run_ids, final=True))  # its last
                 error, users = backend.error(handle)
                 for run_id, task in tasks.items():
                     state = (store.run(run_id) or {}).get("status", Status.FAILED)
@@ -342,6 +377,8 @@ def _run_remote(runs: list[PlannedRun], out_dir: Path, backend: Backend, storage
                         state = Status.INTERRUPTED if stop.is_set() else Status.FAILED
                         store.set_status(run_id, state, error=error or
                                          f"the {backend.name} job ended without finishing it")
+                    if run_id in damaged:
+                        state = _restart_damaged(store, storage, run_id, state)
                     results[run_id] = state
                     progress.update(task, completed=TICKS, info=state)
                     progress.update(overall, advance=TICKS)

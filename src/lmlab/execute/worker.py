@@ -37,15 +37,12 @@ from lmlab.execute.lease import (
     exit_after,
     watch_driver,
 )
-from lmlab.execute.local import stop_on_signals
-from lmlab.names import LEASE_FILE, LOCK_FILE, RESULT_SPEC, RUNS_DIR, Status
-from lmlab.spec.expand import addendum_requested
-from lmlab.spec.schema import Spec
+from lmlab.execute.local import memory_rule, stop_on_signals
+from lmlab.names import LEASE_FILE, LOCK_FILE, RUNS_DIR, Status
 from lmlab.store import Store
 from lmlab.train import distributed
 from lmlab.train.distributed import NullSink
 from lmlab.train.loop import train
-from lmlab.train.memory import KEEP_FREED_ENV
 from lmlab.train.pack import Member, train_pack
 from lmlab.train.samples import sample_run
 
@@ -82,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                 return EXIT_BUSY
             leases.append(lease)
             lease.keep_renewed()
-        if _measures_memory(args.out_dir):  # its peaks as glibc's allocator gives them
-            os.environ[KEEP_FREED_ENV] = "0"
+        os.environ.update(memory_rule(args.out_dir))  # the addendum's allocator rule
         with stop_on_signals() as stop:
             orphaned = _stop_when_orphaned(args, stop, leases)
             code = _run(args, stop) if len(args.run_ids) == 1 else _run_pack(args, stop)
@@ -91,14 +87,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for lease in leases:
             lease.release()
-
-
-def _measures_memory(out_dir: Path) -> bool:
-    """Whether the experiment asks for the Memory / Systems addendum (``lmlab.train.memory``:
-    its runs keep the allocator's defaults)."""
-    with Store.open(out_dir) as store:
-        stored = store.get_result(RESULT_SPEC)
-    return stored is not None and addendum_requested(Spec.model_validate(stored["spec"]))
 
 
 def _stop_when_orphaned(args: argparse.Namespace, stop: threading.Event,

@@ -19,6 +19,7 @@ import yaml
 
 from lmlab import __version__
 from lmlab.analysis.summary import Experiment, load_experiment
+from lmlab.config import set_path
 from lmlab.errors import UserError
 from lmlab.names import PER_SEED_PATHS, RESULT_ADOPTED_PREFIX
 from lmlab.report.inputs import ReportInputs, gather
@@ -44,13 +45,6 @@ def adopted_values(exp: Experiment, arm: str) -> dict[str, Any]:
     values = {p: v for p, v in exp.arm_values(arm).items() if p not in PER_SEED_PATHS}
     selected = ((exp.tuning_record or {}).get("selected") or {}).get(arm) or {}
     return values | dict(selected)
-
-
-def _set(tree: dict[str, Any], path: str, value: Any) -> None:
-    *parents, leaf = path.split(".")
-    for key in parents:
-        tree = tree.setdefault(key, {})
-    tree[leaf] = value
 
 
 def provisional_reason(inputs: ReportInputs) -> str | None:
@@ -85,7 +79,7 @@ def adopt(directory: Path | str, *, arm: str | None = None, provisional: bool = 
     values = adopted_values(exp, chosen)
     tree = exp.spec.controlled.model_dump(mode="json")
     for path, value in values.items():
-        _set(tree, path, value)
+        set_path(tree, path, value, create=True)
     # The stored spec's relative data / tokenizer / init paths were relative to its folder:
     # written absolute, so the baseline means the same files wherever it is read.
     tree = absolute_paths(tree, Path(str((exp.spec_record or {}).get("path") or "")).parent)

@@ -159,11 +159,13 @@ def plan_table(record: dict[str, Any], variables: Sequence[str], width: int,
 
 
 def pack_lines(record: dict[str, Any]) -> list[str]:
-    """`lmlab plan`'s packs: which runs train as one stacked model, and its estimate."""
-    return [f"pack {unit['name']}: {len(unit['runs'])} runs as one stacked model "
-            f"({', '.join(unit['runs'])})"
-            + (f", expected {seconds(unit['estimate_s'])}" if unit["estimate_s"] else "")
-            for unit in record.get("packs", [])]
+    """`lmlab plan`'s packs: which runs train as one stacked model, and its estimate; why
+    ``auto`` left runs unpacked."""
+    lines = [f"pack {unit['name']}: {len(unit['runs'])} runs as one stacked model "
+             f"({', '.join(unit['runs'])})"
+             + (f", expected {seconds(unit['estimate_s'])}" if unit["estimate_s"] else "")
+             for unit in record.get("packs", [])]
+    return lines + ([record["pack_note"]] if record.get("pack_note") else [])
 
 
 def print_addendum(directory: Path | str, console: Console | None = None) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from lmlab.config import Components, RunConfig, error_fields, flatten
+from lmlab.config import Components, RunConfig, error_fields, flatten, set_path
 from lmlab.identity import run_id, tuning_run_id
 from lmlab.names import EFFECTIVE_BATCH_PATHS, PER_SEED_PATHS, Role
 from lmlab.spec import expr
@@ -189,14 +189,6 @@ def _short(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _set_path(tree: dict[str, Any], path: str, value: Any) -> None:
-    *parents, leaf = path.split(".")
-    node = tree
-    for key in parents:
-        node = node[key]
-    node[leaf] = value
-
-
 def _design(spec: Spec, doc: YamlDoc) -> list[tuple[str, dict[str, Any], str]]:
     """(arm name, the values it sets, the YAML field they were written at)."""
     ind = spec.independent
@@ -300,7 +292,7 @@ def expand(spec: Spec, doc: YamlDoc, seeds: Sequence[int] | None = None, *,
         name, values, where, arm = unit.key, unit.values, unit.where, unit.label
         tree = copy.deepcopy(controlled)
         for path, value in values.items():
-            _set_path(tree, path, value)
+            set_path(tree, path, value)
         current = flatten(tree)
         for path, text in ind.derived.items():
             try:
@@ -312,7 +304,7 @@ def expand(spec: Spec, doc: YamlDoc, seeds: Sequence[int] | None = None, *,
                     raise doc.error(f"independent.derived.{path}",
                                     f"{arm}: '{path}' must be a whole number, got {value:g}")
                 value = round(value)
-            _set_path(tree, path, value)
+            set_path(tree, path, value)
             current[path] = value
         arm_trees[name] = tree
         arm_values[name] = {**values, **{p: current[p] for p in ind.derived}}

@@ -68,6 +68,13 @@ class Ingested(StrEnum):
     DUPLICATE = "duplicate"  # already applied: nothing changed
     STALE = "stale"  # from a segment the run has moved past: refused
     EARLY = "early"  # not the next batch of its segment: try again once the ones before it came
+    # A batch file that does not parse, past the grace a network file system's cache may need:
+    # moved to refused/ (kept), so that it is said, not waited on forever.
+    UNREADABLE = "unreadable"
+
+
+# How long a batch file may stay unreadable (an NFS client's stale cache) before it is set aside.
+UNREADABLE_GRACE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -240,28 +247,68 @@ def write_batch(directory: Path, batch: Batch) -> Path:
     return path
 
 
-def read_outbox(store: Store, directory: Path) -> dict[Ingested, int]:
+def read_outbox(store: Store, directory: Path, *, final: bool = False) -> dict[Ingested, int]:
     """Ingest the batches waiting in one run's outbox, oldest first, and remove each once the
     store holds it (a stale one is moved to ``refused/``, kept). Stops at the first batch that
-    is early (its predecessor is not visible yet). Returns how many batches went each way."""
+    is early (its predecessor is not visible yet). Returns how many batches went each way.
+
+    A file that does not parse is retried on the next pass (a network file system's cache may
+    lag) until it has been unreadable for ``UNREADABLE_GRACE_S`` or, with ``final`` (its writer
+    has ended), at once: then it is moved to ``refused/<name>.unreadable`` and counted
+    ``unreadable``. Its segment is dead: the batches after it can never apply, so they no longer
+    hold up a later segment (a resumed run), which makes them stale."""
     counts = dict.fromkeys(Ingested, 0)
     if not directory.is_dir():
         return counts
+    dead = dead_segments(directory)
     for path in sorted(directory.glob("*.json")):
         try:
             batch = Batch.from_json(path.read_text())
-        except (OSError, ValueError, KeyError):
-            continue  # not readable yet (a network file system's cache): the next pass reads it
+        except (OSError, ValueError, KeyError, TypeError):
+            if final or _age_s(path) >= UNREADABLE_GRACE_S:
+                set_aside(directory, path, suffix=UNREADABLE_SUFFIX)
+                dead.add(_segment_of(path.name))
+                counts[Ingested.UNREADABLE] += 1
+            continue
         outcome = ingest(store, batch)
         counts[outcome] += 1
         if outcome is Ingested.EARLY:
+            if batch.segment in dead:
+                continue
             break
         if outcome is Ingested.STALE:
-            (directory / REFUSED_DIR).mkdir(exist_ok=True)
-            os.replace(path, directory / REFUSED_DIR / path.name)
+            set_aside(directory, path)
         else:
             path.unlink()
     return counts
+
+
+UNREADABLE_SUFFIX = ".unreadable"
+
+
+def dead_segments(directory: Path) -> set[int]:
+    """The segments of this outbox with a batch that could not be read (set aside)."""
+    return {_segment_of(p.name) for p in (directory / REFUSED_DIR).glob(f"*{UNREADABLE_SUFFIX}")}
+
+
+def _segment_of(name: str) -> int:
+    head = name.split("-", 1)[0]
+    return int(head) if head.isdigit() else -1
+
+
+def set_aside(directory: Path, path: Path, suffix: str = "") -> Path:
+    """Move a batch file the store will not take into the outbox's ``refused/`` (never deleted)."""
+    (directory / REFUSED_DIR).mkdir(exist_ok=True)
+    target = directory / REFUSED_DIR / (path.name + suffix)
+    os.replace(path, target)
+    return target
+
+
+def _age_s(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def sink_for(records: Store | Outbox | RunSink, run_id: str) -> RunSink:

@@ -137,6 +137,13 @@ def resume_checkpoint(run_dir: Path) -> tuple[dict[str, Any] | None, list[SetAsi
     return None, damaged
 
 
+def set_aside_checkpoints(run_dir: Path, why: str) -> list[SetAside]:
+    """Move a run's checkpoints aside (kept, renamed), so that it restarts from the beginning:
+    for a run whose records since some checkpoint cannot be trusted whole."""
+    return [_set_aside(run_dir / name, why) for name in (CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE)
+            if (run_dir / name).exists()]
+
+
 def belongs_to(ckpt: dict[str, Any], cfg: RunConfig) -> bool:
     """Whether ``ckpt`` is a checkpoint of the run ``cfg`` describes."""
     if ckpt.get("config") is not None:

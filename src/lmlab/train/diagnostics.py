@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from lmlab.config import DiagnosticsConfig
 from lmlab.model.attention import CausalSelfAttention, attention_entropy
@@ -33,6 +34,7 @@ from lmlab.names import (
     DIAG_UPDATE_RATIO,
 )
 from lmlab.optim import classify_params
+from lmlab.train.distributed import local, sum_over_shards
 
 
 @dataclass
@@ -107,8 +109,9 @@ def _block_of(name: str) -> int | None:
 
 
 def _sq_norm(t: torch.Tensor) -> torch.Tensor:
-    """Squared L2 norm in fp32, left on the tensor's device."""
-    return torch.linalg.vector_norm(t.detach(), dtype=torch.float32).square()
+    """Squared L2 norm in fp32, left on the tensor's device: of this rank's shard when ``t`` is
+    sharded (FSDP), to be summed over the ranks (``sum_over_shards``)."""
+    return torch.linalg.vector_norm(local(t.detach()), dtype=torch.float32).square()
 
 
 def _read(values: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -140,6 +143,9 @@ class Diagnostics:
         self.probe_x = probe_x
         self.kinds = classify_params(model)
         self.params = dict(model.named_parameters())
+        # FSDP: every weight is sharded over the ranks, and a norm is summed over the shards
+        # (every rank probes at the same steps, so the all-reduces pair up).
+        self.sharded = any(isinstance(p, DTensor) for p in self.params.values())
         self.n_layer = len(model.blocks)  # type: ignore[arg-type]
         self.blocks: dict[int, list[str]] = {i: [] for i in range(self.n_layer)}
         for name in self.params:
@@ -160,7 +166,8 @@ class Diagnostics:
         """Norms of the gradients as they stand (the loop calls this before clipping)."""
         if not (self.cfg.layer_grad_norms or self.cfg.norm_grad_norms):
             return {}
-        sq = {n: _sq_norm(p.grad) for n, p in self.params.items() if p.grad is not None}
+        sq = sum_over_shards({n: _sq_norm(p.grad) for n, p in self.params.items()
+                              if p.grad is not None}, self.sharded)
         if not sq:
             return {}
         zero = torch.zeros((), device=next(iter(sq.values())).device)
@@ -189,15 +196,19 @@ class Diagnostics:
                 for n in names if self.params[n].ndim >= 2}
 
     def update_ratios(self, before: dict[str, torch.Tensor]) -> dict[str, float]:
-        out: dict[str, torch.Tensor] = {}
+        sq: dict[str, torch.Tensor] = {}
         for i, names in self.blocks.items():
             names = [n for n in names if n in before]
-            if not names:
-                continue
-            delta = torch.stack([_sq_norm(self.params[n].detach() - before[n]) for n in names])
-            weight = torch.stack([_sq_norm(before[n]) for n in names])
-            d, w = delta.sum().sqrt(), weight.sum().sqrt()
-            out[f"{DIAG_UPDATE_RATIO}{i}"] = torch.where(w > 0, d / w, torch.zeros_like(d))
+            if names:
+                sq[f"delta.{i}"] = sum(_sq_norm(self.params[n].detach() - before[n])
+                                       for n in names)  # type: ignore[assignment]
+                sq[f"weight.{i}"] = sum(_sq_norm(before[n]) for n in names)  # type: ignore[assignment]
+        sq = sum_over_shards(sq, self.sharded)
+        out: dict[str, torch.Tensor] = {}
+        for i in self.blocks:
+            if f"delta.{i}" in sq:
+                d, w = sq[f"delta.{i}"].sqrt(), sq[f"weight.{i}"].sqrt()
+                out[f"{DIAG_UPDATE_RATIO}{i}"] = torch.where(w > 0, d / w, torch.zeros_like(d))
         return _read(out)
 
     # -- probe batch: activations and attention entropy -----------------------------------------

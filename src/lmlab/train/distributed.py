@@ -5,28 +5,45 @@ parallelism, never inside the model or the loop.
 Every rank builds the same learner from the same seed and trains its share of every step's global
 batch (``train.batch_size``, the controlled quantity): rank r takes sequences ``[r*B/N,
 (r+1)*B/N)`` of the step, in the order a single process would read them, so the N ranks together
-see exactly the single process's batch. :class:`~torch.nn.parallel.DistributedDataParallel`
-averages the gradients (once per step: the micro-batches before the last accumulate under
-``no_sync``), so the update is the single process's up to float summation order. Before the
-update one all-reduce carries each rank's loss and finiteness: the logged loss is the global
-batch's, and a non-finite value on any rank stops every rank at that step, with one event.
+see exactly the single process's batch. The gradients are averaged over the ranks once per step
+(the micro-batches before the last accumulate without communicating), so the update is the
+single process's up to float summation order. Before the update one all-reduce carries each
+rank's loss and finiteness: the logged loss is the global batch's, and a non-finite value on any
+rank stops every rank at that step, with one event.
+
+Two strategies (``train.distributed.strategy``):
+
+- ``ddp``: :class:`~torch.nn.parallel.DistributedDataParallel` around the model's
+  tokens-to-hidden pass; every rank holds the whole model and optimizer state.
+- ``fsdp``: FSDP2 (``fully_shard``) on every block and on the whole model, as torchtitan does:
+  each rank holds 1/N of the weights, gradients and optimizer state, and a block's weights are
+  gathered for its forward and backward only. The model's ``hidden`` is registered as a forward
+  method, and the root's weights (embedding, final norm, head) stay gathered from its forward
+  until the backward is done, so the fused loss reads the whole head. Gradient norms (global and
+  per block) are summed over the shards; a checkpoint holds the whole model and optimizer state,
+  gathered on rank 0 (``torch.distributed.checkpoint.state_dict``), and loads into any sharding.
+  Optimizers that need a whole matrix (Muon's orthogonalisation, Adafactor's row and column
+  factors) are refused. On CPU (gloo) it runs in CI; on CUDA (NCCL) it has not been measured on
+  hardware by this project.
 
 Only rank 0 records (the other ranks write through a :class:`NullSink`) and writes checkpoints;
 every rank resumes from rank 0's checkpoint, so a run whose rank was killed resumes as a whole.
-Evaluation and diagnostics run on every rank over the same data (no collectives in them), so no
-rank waits on another between steps.
+Evaluation and diagnostics run on every rank over the same data, so every rank makes the same
+collectives in the same order (with ``ddp`` they make none).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from lmlab.config import RunConfig
 from lmlab.errors import UserError
@@ -95,6 +112,22 @@ def writes_checkpoints() -> bool:
     return current()[0] == 0
 
 
+def stop_agreed(should_stop: Callable[[], bool], step: int, every: int) -> bool:
+    """Whether to stop before ``step``. Alone: as soon as asked. Over several ranks, every rank
+    stops at the same step (the collectives of a checkpoint must pair up): asked on any rank,
+    agreed in one all-reduce every ``every`` steps, so a GPU step keeps its one sync per log
+    interval."""
+    _, world = current()
+    if world == 1:
+        return should_stop()
+    if step % every:
+        return False
+    device = torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
+    flag = torch.tensor([float(should_stop())], device=device)
+    dist.all_reduce(flag)
+    return bool(flag.item() > 0)
+
+
 class _Hidden(nn.Module):
     """The model's tokens-to-hidden-states pass as a module's forward: DDP prepares its gradient
     reduction in ``forward``, and the learner's step calls ``hidden`` (the fused loss applies the
@@ -110,17 +143,14 @@ class _Hidden(nn.Module):
 
 @dataclass
 class Parallel:
-    """What the training step needs from the data-parallel wrap: the forward through DDP, its
-    ``no_sync`` for all but the last micro-batch, and the step's one all-reduce."""
+    """What the training step needs from the data-parallel wrap: the forward through it, a
+    context for the micro-batches that only accumulate (no gradient communication), and the
+    step's one all-reduce. ``sharded``: FSDP, whose weights and gradients are DTensors."""
 
-    ddp: nn.parallel.DistributedDataParallel
+    forward: Callable[[Tensor], Tensor]
+    accumulate: Callable[[], contextlib.AbstractContextManager]
     world: int
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.ddp(x)
-
-    def no_sync(self) -> contextlib.AbstractContextManager:
-        return self.ddp.no_sync()
+    sharded: bool = False
 
     def agree(self, loss: Tensor, ok: Tensor) -> tuple[Tensor, Tensor]:
         """The global batch's loss and whether every rank's step is finite, in one all-reduce
@@ -130,14 +160,99 @@ class Parallel:
         return (both[0] / self.world).to(loss.dtype), both[1] == 0
 
 
-def data_parallel(model: nn.Module, device: torch.device) -> Parallel | None:
-    """The DDP wrap of ``model`` when this process is one of several ranks, else None."""
+def data_parallel(model: nn.Module, device: torch.device, strategy: str = "ddp",
+                  ) -> Parallel | None:
+    """Wrap ``model`` for data-parallel training when this process is one of several ranks,
+    else None. ``fsdp`` shards ``model`` in place: build its optimizer afterwards, over the
+    sharded parameters."""
     _, world = current()
     if world == 1:
         return None
+    if strategy == "fsdp":
+        return _fully_shard(model, device, world)
     ddp = nn.parallel.DistributedDataParallel(
         _Hidden(model), device_ids=[device.index or 0] if device.type == "cuda" else None)
-    return Parallel(ddp, world)
+    return Parallel(ddp, ddp.no_sync, world)
+
+
+def _fully_shard(model: nn.Module, device: torch.device, world: int) -> Parallel:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    mesh = init_device_mesh(device.type, (world,))
+    for block in model.blocks:  # type: ignore[attr-defined]
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)  # the root: embeddings, final norm and head
+    register_fsdp_forward_method(model, "hidden")
+
+    @contextlib.contextmanager
+    def accumulate() -> Iterator[None]:
+        model.set_requires_gradient_sync(False)  # type: ignore[operator]
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)  # type: ignore[operator]
+
+    return Parallel(model.hidden, accumulate, world, sharded=True)  # type: ignore[arg-type]
+
+
+# -- sharded tensors (FSDP) ---------------------------------------------------------------------
+
+
+def whole(t: Tensor) -> Tensor:
+    """``t`` as one ordinary tensor: a DTensor's full value (a collective), else ``t``."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def local(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor, else ``t``."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def sum_over_shards(values: dict[str, Tensor], sharded: bool) -> dict[str, Tensor]:
+    """Per-shard partial sums (of squares, say) summed over the ranks in one all-reduce when
+    ``sharded``; else as they are."""
+    if not sharded or not values:
+        return values
+    stacked = torch.stack(list(values.values()))
+    dist.all_reduce(stacked)
+    return dict(zip(values, stacked.unbind(), strict=True))
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A sharded model's and optimizer's whole state, gathered on rank 0's CPU (the other ranks
+    get empty dicts). Every rank must call it: it is a collective."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(model, options=options),
+            get_optimizer_state_dict(model, optimizer, options=options))
+
+
+def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                    model_state: dict[str, Any], optimizer_state: dict[str, Any]) -> None:
+    """Load a whole state (every rank holds it: each read the checkpoint) into the shards."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+
+
+def shard_like(value: Tensor, like: Tensor) -> Tensor:
+    """A whole tensor laid out as the DTensor ``like`` (its mesh and placements), else as is."""
+    if not isinstance(like, DTensor):
+        return value
+    return distribute_tensor(value.to(like.device), like.device_mesh, like.placements)
 
 
 def last_marked(items: Iterator) -> Iterator[tuple[object, bool]]:

@@ -33,7 +33,7 @@ from lmlab.store.ingest import Outbox
 from lmlab.store.provenance import capture
 from lmlab.train.checkpoint import SetAside, check_belongs, resume_checkpoint, save_checkpoint
 from lmlab.train.diagnostics import Diagnostics
-from lmlab.train.distributed import current, rank_share
+from lmlab.train.distributed import current, rank_share, stop_agreed
 from lmlab.train.evaluate import evaluate
 from lmlab.train.memory import keep_freed_memory, reset_peak
 from lmlab.train.recorder import Interval, Recorder
@@ -123,7 +123,8 @@ def train(cfg: RunConfig, run_id: str, store: Store | Outbox, run_dir: Path, *,
         if not resumed:
             run.last_val = _evaluate(learner, data, cfg, state, recorder, VAL, full=False)
         while stop is None and state.progress(cfg.budget) < 1.0:
-            if should_stop is not None and should_stop():
+            if should_stop is not None and stop_agreed(should_stop, state.step,
+                                                       cfg.cadence.log_every_steps):
                 stop = StopReason.INTERRUPTED
                 break
             seq_len, batch = cfg.train.seq_len_at(state.step), cfg.train.batch_size_at(state.step)

@@ -37,7 +37,15 @@ from lmlab.model import build_model, load_pretrained_gpt2
 from lmlab.model.stacked import StackedGPT
 from lmlab.model.wrap import apply_activation_checkpointing
 from lmlab.optim import build_optimizer, skips_on_device
-from lmlab.train.distributed import Parallel, data_parallel, last_marked
+from lmlab.train.distributed import (
+    Parallel,
+    data_parallel,
+    full_state,
+    last_marked,
+    load_full_state,
+    shard_like,
+    whole,
+)
 from lmlab.train.loss import linear_cross_entropy
 
 # A micro-batch: inputs, targets and its share of the step's sequences (its loss weight).
@@ -131,7 +139,17 @@ class Learner:
             for p, v in zip(self.params, live, strict=True):
                 p.data.copy_(v)
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the weights are sharded over the ranks (``train.distributed.strategy: fsdp``)."""
+        return self.parallel is not None and self.parallel.sharded
+
     def state_dict(self) -> dict[str, Any]:
+        if self.sharded:  # gathered whole on rank 0 (a collective: every rank calls it)
+            model_state, optimizer_state = full_state(self.raw, self.optimizer)
+            ema = None if self.ema is None else [whole(e).cpu() for e in self.ema]
+            return {"model": model_state, "optimizer": optimizer_state,
+                    "scaler": self.scaler.state_dict(), "ema": ema}
         # A packed member's weights are views into the pack's stacks: saved as their own copies
         # (one per tensor, so a tied weight stays one), or torch.save would write every member's
         # weights into each checkpoint.
@@ -143,12 +161,15 @@ class Learner:
                 "scaler": self.scaler.state_dict(), "ema": self.ema}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.raw.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            load_full_state(self.raw, self.optimizer, state["model"], state["optimizer"])
+        else:
+            self.raw.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
             for e, v in zip(self.ema, state["ema"], strict=True):
-                e.copy_(v)
+                e.copy_(shard_like(v, e))
 
 
 def _shares_storage(t: Tensor) -> bool:
@@ -172,7 +193,8 @@ def device_check(tc: TrainConfig, device: torch.device, optimizer: torch.optim.O
 
 def build_learner(cfg: RunConfig, vocab_size: int, device: torch.device) -> Learner:
     """Seed, build and place the model; its optimizer, grad scaler and EMA. Activation
-    checkpointing is applied from outside the model; compiling is the caller's choice."""
+    checkpointing and the data-parallel wrap are applied from outside the model; compiling is
+    the caller's choice."""
     tc = cfg.train
     torch.manual_seed(tc.init_seed_used)
     model = build_run_model(cfg, vocab_size).to(device)
@@ -180,9 +202,11 @@ def build_learner(cfg: RunConfig, vocab_size: int, device: torch.device) -> Lear
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = tc.tf32
         torch.backends.cudnn.allow_tf32 = tc.tf32
+    # None unless this process is one of torchrun's ranks. Before the optimizer: FSDP replaces
+    # the parameters with their shards.
+    parallel = data_parallel(model, device, tc.distributed.strategy)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg.optimizer, model, device.type)
-    parallel = data_parallel(model, device)  # None unless this process is one of torchrun's ranks
     return Learner(
         raw=model, optimizer=optimizer,
         scaler=torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16"), params=params,
@@ -216,7 +240,7 @@ def train_step(learner: Learner, micro_batches: Iterable[MicroBatch],
         x = x.to(learner.device, non_blocking=True)
         y = y.to(learner.device, non_blocking=True)
         # Data parallel: the gradients are averaged over the ranks once, after the last one.
-        accumulate = learner.parallel.no_sync() if learner.parallel is not None and not last \
+        accumulate = learner.parallel.accumulate() if learner.parallel is not None and not last \
             else contextlib.nullcontext()
         with accumulate:
             with learner.autocast():
@@ -228,8 +252,10 @@ def train_step(learner: Learner, micro_batches: Iterable[MicroBatch],
         loss += ce[0].detach() * weight
     learner.scaler.unscale_(learner.optimizer)
     # The global norm before clipping (what clip_grad_norm_ computes and returns), kept on the
-    # device; clipping reuses it once the step is known to be finite.
-    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in learner.params if p.grad is not None])
+    # device; clipping reuses it once the step is known to be finite. Over the shards' norms
+    # when the gradients are sharded (FSDP).
+    grad_norm = whole(torch.nn.utils.get_total_norm(
+        [p.grad for p in learner.params if p.grad is not None]))
     ok = finite_flag(learner, loss, grad_norm)
     if learner.parallel is not None:  # the global loss, and one verdict on finiteness for all
         loss, ok = learner.parallel.agree(loss, ok)
