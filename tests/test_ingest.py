@@ -170,3 +170,72 @@ def test_a_version_2_store_gains_the_marks_and_keeps_its_events(tmp_path: Path,
         with pytest.raises(sqlite3.IntegrityError):  # the key is unique
             s._conn.execute("INSERT INTO events (run_id, step, tokens, wall_s, kind, detail_json,"
                             " key) VALUES ('r', 4, 32, 0.4, 'nan', '{}', 'r/5/0/0')")
+
+
+class _InProcess:
+    """A Backend that trains each unit in this process when it is submitted, then damages the
+    fourth batch file of every run it trained (when ``damage``): a disk that lost a write."""
+
+    name = "inprocess"
+
+    def __init__(self, damage: bool) -> None:
+        self.damage = damage
+
+    def submit(self, unit, job):
+        from lmlab.execute.remote import train_unit
+
+        result = train_unit(job)
+        for run_id in job.run_ids if self.damage else ():
+            victim = sorted(Outbox(Path(job.storage)).directory(run_id).glob("*.json"))[3]
+            victim.write_text("{")
+        return result
+
+    def adopt(self, record):
+        return None
+
+    def done(self, handle) -> bool:
+        return True
+
+    def error(self, handle):
+        return None, False
+
+    def record(self, handle) -> dict:
+        return {"executor": self.name}
+
+
+def test_the_driver_trains_a_run_with_an_unreadable_batch_again_from_the_start(
+        tmp_path: Path, articles_data: dict) -> None:
+    """A run whose batch file cannot be read ends failed, saying why, with its checkpoints set
+    aside (kept): a resume would leave that batch's rows missing. The rerun trains it from the
+    start, and every step's row is there once."""
+    from lmlab.execute.pack import Pack
+    from lmlab.execute.remote import run_remote
+    from lmlab.spec.expand import expand
+    from lmlab.spec.load import load_yaml
+    from lmlab.spec.schema import Spec
+    from test_spec import base_spec, write
+
+    doc = load_yaml(write(tmp_path, base_spec(articles_data)))
+    plan = expand(Spec.model_validate(doc.data), doc)
+    runs, out, storage = plan.runs[:1], tmp_path / "exp", tmp_path / "storage"
+    (run_id,) = [r.run_id for r in runs]
+
+    def units(todo: list) -> list[Pack]:
+        return [Pack((r,)) for r in todo]
+
+    assert run_remote(runs, out, _InProcess(damage=True), storage=storage,
+                      units=units) == {run_id: "failed"}
+    with Store.open(out) as store:
+        error = store.run(run_id)["error"]
+    assert "could not be read" in error and "trains it again from the start" in error
+    run_dir = storage / "runs" / run_id
+    assert not (run_dir / "checkpoint.pt").exists() and list(run_dir.glob("checkpoint.pt.damaged-*"))
+    assert list((Outbox(storage).directory(run_id) / "refused").glob("*.unreadable"))
+
+    assert run_remote(runs, out, _InProcess(damage=False), storage=storage,
+                      units=units) == {run_id: "completed"}
+    steps = runs[0].config.budget.tokens // (8 * 32)
+    with Store.open(out) as store:
+        assert store.run(run_id)["status"] == "completed"
+        rows = store.metrics(run_id, ["train_loss"])["train_loss"]
+    assert [r.step for r in rows] == list(range(1, steps + 1))

@@ -322,7 +322,9 @@ def _run_remote(runs: list[PlannedRun], out_dir: Path, backend: Backend, storage
     with Store.open(out_dir) as store:
         for r in runs:
             store.add_run(r.run_id, r.arm, r.seed, r.config.to_json(), r.config.config_hash)
-        _drain(store, storage, all_ids)  # what a killed driver's workers sent after it died
+        # What a killed driver's workers sent after it died; a run with a batch that cannot be
+        # read is trained again from the start when its job ends (_restart_damaged).
+        damaged = set(_drain(store, storage, all_ids))
         done = {row["run_id"]: row["status"] for row in store.runs()}
         jobs: dict[str, Any] = store.get_result(RESULT_JOBS) or {}
     todo = [r for r in runs if done.get(r.run_id) not in FINISHED]
@@ -330,7 +332,6 @@ def _run_remote(runs: list[PlannedRun], out_dir: Path, backend: Backend, storage
     env = tuple((k, os.environ[k]) for k in ENV_PASSED if os.environ.get(k))
     env += tuple(memory_rule(out_dir).items())  # the addendum's allocator rule, on every node
     needs_you: dict[str, str] = {}
-    damaged: set[str] = set()  # runs with a batch that could not be read
 
     with stop_on_signals() as stop, _progress() as progress, Store.open(out_dir) as store:
         overall = progress.add_task(f"experiment ({backend.name})", total=len(runs) * TICKS,
