@@ -145,12 +145,13 @@ def test_ray_executor_stores_what_the_local_executor_stores(
     assert not list(out.glob("runs/*/outbox/*.json"))  # every batch ingested
 
 
-def _wait_for(predicate, what: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+def _wait_for(predicate, what: str, proc: subprocess.Popen, timeout: float = 300,
+              poll: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert proc.poll() is None, f"the driver ended before {what}"
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
+        time.sleep(poll)
 
 
 def test_a_ray_driver_killed_mid_sweep_resumes_with_every_row_once(
@@ -174,12 +175,21 @@ def test_a_ray_task_killed_mid_run_is_retried_from_its_checkpoint(
     driver = lmlab_run(spec_path, out, "--executor", "ray", "--address", ray_address,
                        wait=False)
     assert isinstance(driver, subprocess.Popen)
-    ckpts = lambda: list(out.glob(f"{RUNS_DIR}/*/{CHECKPOINT_FILE}"))  # noqa: E731
-    _wait_for(lambda: bool(ckpts()), "a checkpoint", driver)
-    run_dir = ckpts()[0].parent
-    holder = read_holder(run_dir / LEASE_FILE)
-    assert holder is not None
-    os.kill(holder.pid, signal.SIGKILL)  # the Ray worker process training that run
+    def training() -> tuple[Path, int] | None:
+        """A run with a checkpoint that is still training: its directory and its worker's pid
+        (a tiny run on a quiet machine can end between two looks, so only a live lease counts)."""
+        for ckpt in out.glob(f"{RUNS_DIR}/*/{CHECKPOINT_FILE}"):
+            holder = read_holder(ckpt.parent / LEASE_FILE)
+            if holder is not None and holder.alive():
+                return ckpt.parent, holder.pid
+        return None
+
+    _wait_for(lambda: training() is not None, "a run with a checkpoint, training", driver,
+              poll=0.01)
+    found = training()
+    assert found is not None
+    run_dir, pid = found
+    os.kill(pid, signal.SIGKILL)  # the Ray worker process training that run
     assert driver.wait(600) == 0, (out.parent / "ray-task.driver.log").read_text()[-3000:]
     got = records(out)
     same_rows(got, local_reference)

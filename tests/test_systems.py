@@ -348,12 +348,12 @@ def test_memory_experiment_end_to_end_checkpointing_lowers_peak_memory(
     spec["controlled"] = {
         "data": articles_data, "tokenizer": {"kind": "byte"},
         "model": {"n_layer": 8, "n_head": 4, "d_model": 32, "attention": "manual"},
-        "train": {"batch_size": 4, "seq_len": 256},
+        "train": {"batch_size": 8, "seq_len": 256},
     }
     spec["independent"] = {"variables": ["train.activation_checkpointing"],
                            "arms": {"none": {"train.activation_checkpointing": 0},
                                     "every_block": {"train.activation_checkpointing": 1}}}
-    spec["budget"] = {"tokens": 3 * 4 * 256}
+    spec["budget"] = {"tokens": 3 * 8 * 256}
     spec["evaluation"] = {"every_steps": 100, "max_batches": 1, "batch_size": 2,
                           "log_every_steps": 1, "test_at_end": False, "diagnostics": NO_PROBES}
     path = tmp_path / "memory.yaml"
@@ -366,7 +366,8 @@ def test_memory_experiment_end_to_end_checkpointing_lowers_peak_memory(
         peaks = {r["arm"]: r["summary"]["peak_mem_bytes"] for r in store.runs()}
         kinds = {r["summary"]["peak_mem_kind"] for r in store.runs()}
     assert kinds == {"rss"}
-    assert peaks["every_block"] < peaks["none"] - 20 * 2**20, peaks  # at least 20 MiB less
+    # Measured 61 MiB less (619 against 555 MiB) on 2 quiet cores; half of that is asked for.
+    assert peaks["every_block"] < peaks["none"] - 30 * 2**20, peaks
     rows = {r.arm: r for r in add.rows}
     assert rows["none"].peak_mem_bytes == peaks["none"]
     comp = add.comparisons["every_block"]
