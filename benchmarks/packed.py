@@ -46,6 +46,7 @@ import torch
 
 from lmlab.config import RunConfig
 from lmlab.data.tokenize import prepare_data
+from lmlab.execute.feasible import matmul_flops
 from lmlab.execute.pack import step_flops
 from lmlab.store import Store
 from lmlab.train.loop import train
@@ -98,19 +99,8 @@ def packed(cfgs: list[RunConfig], data) -> float:
     return sum(r.summary["tokens"] for r in results) / results[0].summary["train_s"]
 
 
-def matmul_peak() -> float:
-    """This machine's fp32 matmul throughput (FLOP/s): what no packing can exceed."""
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    for _ in range(3):
-        a @ b
-    t0 = time.perf_counter()
-    for _ in range(20):
-        a @ b
-    return 20 * 2 * 1024**3 / (time.perf_counter() - t0)
-
-
 def steps_mode(args: argparse.Namespace) -> None:
-    peak = matmul_peak()
+    peak = matmul_flops("cpu", seconds=1.0)  # what no packing can exceed
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
           f"fp32 matmul 1024^3: {peak / 1e9:.0f} GFLOP/s")
     for shape in args.shapes.split(","):

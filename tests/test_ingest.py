@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from lmlab.config import RunConfig
 from lmlab.store import Store
 from lmlab.store import db as dbmod
 from lmlab.store import ingest as ingest_mod
@@ -73,6 +74,15 @@ def test_an_event_key_is_stored_once(tmp_path: Path) -> None:
     assert len(store.events("r")) == 3
 
 
+def _shipped(cfg: RunConfig, out: Path, storage: Path) -> tuple[Store, Path]:
+    """Run "r" of ``cfg`` trained as a remote worker trains it, into the outboxes under
+    ``storage``; the driver's store at ``out`` holds the run, nothing ingested yet."""
+    store = Store.open(out)
+    store.add_run("r", "a", 0, cfg.to_json(), cfg.config_hash)
+    train(cfg, "r", Outbox(storage), storage / "runs" / "r")
+    return store, storage
+
+
 def test_a_run_through_the_outbox_stores_what_a_direct_run_stores(tmp_path: Path,
                                                                   articles_data: dict) -> None:
     """The same run trained into a store and into an outbox (then ingested, twice over: a driver
@@ -82,10 +92,7 @@ def test_a_run_through_the_outbox_stores_what_a_direct_run_stores(tmp_path: Path
     direct.add_run("r", "a", 0, cfg.to_json(), cfg.config_hash)
     train(cfg, "r", direct, tmp_path / "direct" / "runs" / "r")
 
-    storage = tmp_path / "storage"
-    shipped = Store.open(tmp_path / "shipped")
-    shipped.add_run("r", "a", 0, cfg.to_json(), cfg.config_hash)
-    train(cfg, "r", Outbox(storage), storage / "runs" / "r")
+    shipped, storage = _shipped(cfg, tmp_path / "shipped", tmp_path / "storage")
     outbox = Outbox(storage).directory("r")
     files = sorted(outbox.glob("*.json"))
     assert len(files) > 5 and shipped.run("r")["status"] == "pending"  # nothing written yet
@@ -108,10 +115,7 @@ def test_an_unreadable_batch_file_is_set_aside_and_said_not_waited_on(
     cache may lag), then moved to refused/ (kept) and counted; the batches after it wait, early.
     A resumed run (a new segment) then ingests whole, and the old segment's rest is refused."""
     cfg = tiny_config(articles_data, budget={"steps": 20})
-    storage = tmp_path / "storage"
-    store = Store.open(tmp_path / "exp")
-    store.add_run("r", "a", 0, cfg.to_json(), cfg.config_hash)
-    train(cfg, "r", Outbox(storage), storage / "runs" / "r")
+    store, storage = _shipped(cfg, tmp_path / "exp", tmp_path / "storage")
     outbox = Outbox(storage).directory("r")
     files = sorted(outbox.glob("*.json"))
     damaged = files[3]

@@ -146,14 +146,22 @@ def auto_size(cfg: RunConfig, vocab_size: int | None = None) -> int:
     :data:`CPU_PACK_MAX_STEP_FLOPS`; else :data:`AUTO_MAX`, or fewer when
     ``budget.max_memory_mb`` would not hold them."""
     vocab = vocab_size or cfg.tokenizer.vocab_size
-    device = _device_type(cfg)
-    if device == "cpu" and step_flops(cfg, vocab) > CPU_PACK_MAX_STEP_FLOPS:
+    if _past_cpu_crossover(cfg, vocab) is not None:
         return 1
     limit = cfg.budget.max_memory_mb
     if limit is None:
         return AUTO_MAX
-    room = limit * 2**20 - _baseline_bytes(device)
+    room = limit * 2**20 - _baseline_bytes(_device_type(cfg))
     return max(1, min(AUTO_MAX, int(room // member_bytes(cfg, vocab))))
+
+
+def _past_cpu_crossover(cfg: RunConfig, vocab_size: int) -> float | None:
+    """A CPU run's step FLOPs when they are past :data:`CPU_PACK_MAX_STEP_FLOPS` (packing it
+    would not pay), else None."""
+    if _device_type(cfg) != "cpu":
+        return None
+    flops = step_flops(cfg, vocab_size)
+    return flops if flops > CPU_PACK_MAX_STEP_FLOPS else None
 
 
 def auto_note(plan: Plan, option: PackOption, vocab_size: int | None = None) -> str | None:
@@ -164,13 +172,11 @@ def auto_note(plan: Plan, option: PackOption, vocab_size: int | None = None) -> 
     if not packing_pays(plan):
         return ("not packed: the experiment measures speed or memory (the Memory / Systems "
                 "addendum), and a packed run's step time and peak memory are its pack's")
-    big = [r.config for r in plan.runs if unpackable(r.config) is None
-           and _device_type(r.config) == "cpu"
-           and step_flops(r.config, vocab_size or r.config.tokenizer.vocab_size)
-           > CPU_PACK_MAX_STEP_FLOPS]
-    if not big:
+    past = (_past_cpu_crossover(r.config, vocab_size or r.config.tokenizer.vocab_size)
+            for r in plan.runs if unpackable(r.config) is None)
+    flops = next((f for f in past if f is not None), None)
+    if flops is None:
         return None
-    flops = step_flops(big[0], vocab_size or big[0].tokenizer.vocab_size)
     return (f"not packed: on a CPU, a step of {flops / 1e9:.0f} GFLOP per run is past where "
             f"packing pays ({CPU_PACK_MAX_STEP_FLOPS / 1e9:.0f} GFLOP, benchmarks/packed.py); "
             "--pack N packs anyway")
